@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny real-image ImageFolder, tiny configs, and process runners that always
+clean up their process group (msrun spawns a scheduler and workers under the launcher)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def tool_env() -> dict:
+    """The environment of the test's own interpreter: its bin first on PATH, as msrun needs."""
+    env = dict(os.environ, PYTHON=PYTHON)
+    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MS_ROLE", None)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Runs a command in its own session; on timeout the whole process group is killed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    finally:
+        try:  # workers left behind by a failed launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def vit_dist(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([PYTHON, "-m", "vit_dist", *args], timeout=timeout)
+
+
+def msrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run(["bash", str(ROOT / "launch" / "msrun.sh"), *args], timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n" \
+                                   f"stderr:\n{result.stderr[-4000:]}"
+    return result
+
+
+def write_image_folder(root: Path, per_class: dict[str, dict[str, int]], size: int = 16) -> Path:
+    """Real digit images (scikit-learn's), `per_class[split][class] = count`, as PNGs."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split, classes in per_class.items():
+        for name, count in classes.items():
+            label = int(name[-1])
+            pixels = digits.images[digits.target == label]
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            offset = 0 if split == "train" else 100
+            for i in range(count):
+                image = Image.fromarray((pixels[offset + i] * 15.9).astype(np.uint8), mode="L")
+                image.resize((size, size), Image.BICUBIC).save(folder / f"{split}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """48 train images (3 classes x 16) and 9 val images (3 x 3), 16 px."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    classes = ("digit0", "digit1", "digit7")
+    return write_image_folder(root, {"train": {c: 16 for c in classes}, "val": {c: 3 for c in classes}})
+
+
+def tiny_config(path: Path, data_root: Path, **sections) -> Path:
+    """A ViT small enough to compile and step in seconds; `sections` override keys per section."""
+    cfg = {
+        "model": {"variant": "ti", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                  "drop_path_rate": 0.0},
+        "data": {"root": str(data_root), "image_size": 16, "num_workers": 1},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1.0e-3, "warmup_epochs": 0.5, "log_interval": 2,
+                  "eval_every_epochs": 0, "seed": 7},
+        "parallel": {"device_target": "CPU", "threads_per_rank": 1},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def load_params(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_*.safetensors"))[-1]

@@ -1,0 +1,82 @@
+"""Config loading, strict keys, overrides and validation (no MindSpore needed)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vit_dist.config import ConfigError, dump_yaml, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "vit_s16_imagenet.yaml", "vit_b16_imagenet.yaml",
+                                  "vit_l16_imagenet.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.data.image_size % cfg.model.patch_size == 0
+
+
+def test_variant_fills_widths_and_explicit_keys_win():
+    cfg = load_config(CONFIGS / "vit_b16_imagenet.yaml")
+    m = cfg.model
+    assert (m.embed_dim, m.depth, m.num_heads, m.mlp_dim, m.num_classes) == (768, 12, 12, 3072, 1000)
+    m = load_config(CONFIGS / "vit_b16_imagenet.yaml", ["model.depth=6"]).model
+    assert (m.embed_dim, m.depth) == (768, 6)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.epochs=3", "train.lr=5e-4", "data.crop_scale=[0.3, 1]",
+                                              "train.output_dir=runs/x", "model.num_classes=null"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 5e-4 and cfg.data.crop_scale == (0.3, 1.0)
+    assert cfg.train.output_dir == "runs/x" and cfg.model.num_classes is None
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'train\.epoch' \(did you mean 'train\.epochs'\?\)"):
+        load_config(path)
+
+
+def test_unknown_section_and_override_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' \(did you mean 'train'\?\)"):
+        load_config(None, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.dept' \(did you mean 'model\.depth'\?\)"):
+        load_config(None, ["model.dept=6"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=three", r"train\.epochs must be an integer, got 'three'"),
+    ("train.epochs=2.5", r"train\.epochs must be an integer"),
+    ("data.augment=1", r"data\.augment must be true or false"),
+    ("train.lr=fast", r"train\.lr must be a number"),
+    ("data.crop_scale=0.5", r"data\.crop_scale must be a list of 2 numbers"),
+    ("model.variant=xl", r"model\.variant 'xl' is unknown; use one of ti, s, b, l, h"),
+    ("data.image_size=100", r"data\.image_size 100 is not divisible by model\.patch_size 16"),
+    ("parallel.device_target=TPU", r"parallel\.device_target 'TPU' is not supported; use one of CPU, GPU, Ascend"),
+    ("model.num_heads=5", r"model\.embed_dim 768 is not divisible by model\.num_heads 5"),
+    ("train.batch_size=0", r"train\.batch_size must be at least 1"),
+])
+def test_bad_values_are_one_clear_line(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.epochs"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.epochs=5"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["model"]["embed_dim"] == cfg.model.embed_dim

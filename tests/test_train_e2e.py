@@ -1,0 +1,110 @@
+"""Real training jobs: one device and 2-rank msrun on real images, compared with each other."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist
+
+EXACT = {"data": {"augment": False, "shuffle": False}, "train": {"eval_batch_size": 2}}
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tiny_data, tmp_path_factory):
+    """The same 6 steps on the same samples: 2 ranks x batch 8 under msrun, 1 device x batch 16."""
+    tmp = tmp_path_factory.mktemp("dp")
+    config = tiny_config(tmp / "exact.yaml", tiny_data, **EXACT)
+    two = tmp / "two_ranks"
+    one = tmp / "one_device"
+    launched = ok(msrun("-n", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}"))
+    ok(vit_dist("train", str(config), "--set", "train.batch_size=16", f"train.output_dir={one}"))
+    return {"config": config, "two": two, "one": one, "launched": launched}
+
+
+def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-12))
+
+
+def test_two_ranks_end_with_the_parameters_of_one_device_at_double_batch(dp_runs):
+    two = load_params(last_checkpoint(dp_runs["two"]))
+    one = load_params(last_checkpoint(dp_runs["one"]))
+    assert last_checkpoint(dp_runs["two"]).name == last_checkpoint(dp_runs["one"]).name == "step_00000006.safetensors"
+    assert two.keys() == one.keys()
+    moments = [k for k in two if k.startswith("exp_avg")]
+    assert moments and all(np.abs(two[k]).max() > 0 for k in moments), "optimizer state is checkpointed"
+    worst = max((_relative_difference(two[k], one[k]), k) for k in one)
+    assert worst[0] < 1e-5, worst
+
+
+def test_loss_logged_by_rank_0_is_the_mean_over_ranks(dp_runs):
+    def losses(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in lines if "loss" in r]
+    assert losses(dp_runs["two"]) == pytest.approx(losses(dp_runs["one"]), rel=1e-5)
+
+
+def test_run_directory_holds_config_metrics_checkpoints_eval_and_every_rank_log(dp_runs):
+    run = dp_runs["two"]
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "eval.json", "logs"}
+    assert {p.name for p in (run / "logs").iterdir()} >= {"worker_0.log", "worker_1.log"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_record = next(r for r in records if "loss" in r)
+    assert {"step", "epoch", "loss", "lr", "images_per_sec", "eta_s", "data_wait"} <= train_record.keys()
+    eval_record = records[-1]
+    assert eval_record["images"] == 9 and 0.0 <= eval_record["top1"] <= eval_record["top5"] <= 1.0
+    assert json.loads((run / "eval.json").read_text()) == {k: eval_record[k] for k in ("top1", "top5", "images")}
+    assert "train.output_dir" not in (run / "config.yaml").read_text()
+    assert f"output_dir: {run}" in (run / "config.yaml").read_text()
+    # Rank 0 alone writes checkpoints and metrics; the launcher streams rank 0's lines.
+    assert "step 6/6" in dp_runs["launched"].stdout and "world size      2" in dp_runs["launched"].stdout
+
+
+def test_eval_counts_every_val_image_once_on_two_ranks(dp_runs):
+    """9 val images, eval batch 2: rank 0 sees 5, rank 1 sees 4 plus one padded repeat."""
+    ckpt = str(last_checkpoint(dp_runs["one"]))
+    config = str(dp_runs["config"])
+    out = dp_runs["one"].parent
+    single = json.loads(ok(vit_dist("eval", config, "--ckpt", ckpt, "--set",
+                                    f"train.output_dir={out / 'eval1'}")).stdout.strip().splitlines()[-1])
+    launched = ok(msrun("-n", "2", "eval", config, "--ckpt", ckpt, "--set", f"train.output_dir={out / 'eval2'}"))
+    distributed = json.loads(launched.stdout.strip().splitlines()[-1])
+    assert single["images"] == distributed["images"] == 9
+    assert distributed == single
+    assert json.loads((out / "eval2" / "eval.json").read_text()) == distributed
+
+
+def test_same_config_and_seed_give_the_same_loss_curve(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "aug.yaml", tiny_data, data={"num_workers": 2}, train={"batch_size": 8})
+    curves = []
+    for name in ("a", "b"):
+        ok(vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / name}"))
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        curves.append([r["loss"] for r in records if "loss" in r])
+    assert len(curves[0]) == 6 and curves[0] == curves[1]
+
+
+def test_bad_config_fails_in_seconds_under_msrun_with_one_line(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "c.yaml", tiny_data)
+    started = time.monotonic()
+    result = msrun("-n", "2", str(config), "--set", "train.epoch=3", f"train.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {config}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
+    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.root=/nonexistent", "data.root /nonexistent does not exist"),
+    ("train.batch_size=64", "train.batch_size 64 is larger than each rank's shard of 48 images"),
+])
+def test_bad_data_is_one_line_before_anything_compiles(tiny_data, tmp_path, override, message):
+    config = tiny_config(tmp_path / "c.yaml", tiny_data)
+    result = vit_dist("train", str(config), "--set", override, f"train.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_rejects_a_checkpoint_of_another_model(dp_runs, tmp_path):
+    result = vit_dist("eval", str(dp_runs["config"]), "--ckpt", str(last_checkpoint(dp_runs["one"])),
+                      "--set", "model.embed_dim=64", f"train.output_dir={tmp_path}")
+    assert result.returncode == 2 and "does not fit this model" in result.stderr

@@ -1,0 +1,186 @@
+"""`vit-dist SUBCOMMAND ...`: argument parsing, then one function call per subcommand.
+
+This is the bootstrap layer: it reads the environment once (through runtime.detect_placement) and
+turns user errors into one line on stderr and a non-zero exit, before any graph compiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from vit_dist.checkpoint import CheckpointError
+from vit_dist import runtime
+from vit_dist.config import Config, ConfigError, load_config
+
+EXIT_USER_ERROR = 2
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """train.output_dir, or a new runs/<timestamp>-<random> that no other run can collide with."""
+    if cfg.train.output_dir is None:
+        cfg.train.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return Path(cfg.train.output_dir)
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to train.output_dir {run_dir}: {err.strerror}; "
+                          "choose a writable directory with --set train.output_dir=PATH") from None
+
+
+def preflight(cfg: Config, world_size: int) -> Path:
+    """Every check that needs no MindSpore: data folders, batch vs shard, the run directory."""
+    from vit_dist import data
+
+    train_split, _, classes = data.scan_dataset(cfg.data)
+    data.steps_per_epoch(train_split.num_images, world_size, cfg.train.batch_size)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
+        raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(classes)} class "
+                          f"folders in {train_split.path}; set model.num_classes to null or >= {len(classes)}")
+    return resolve_run_dir(cfg)
+
+
+def _start(cfg: Config):
+    """Checks the inputs, then brings up the backend; returns (placement, run directory)."""
+    placement = runtime.detect_placement(os.environ)
+    run_dir = preflight(cfg, placement.world_size)
+    if placement.is_main:
+        prepare_run_dir(run_dir)
+    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement)
+    return placement, run_dir.resolve()
+
+
+def cmd_train(args) -> int:
+    from vit_dist.train import train
+
+    cfg = load_config(args.config, args.set)
+    placement, run_dir = _start(cfg)
+    result = train(cfg, placement, run_dir)
+    if placement.is_main:
+        print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
+              f"on {result['images']} images; checkpoint {result['checkpoint']}")
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import mindspore as ms
+
+    from vit_dist import checkpoint, data
+    from vit_dist.evaluate import evaluate
+    from vit_dist.metrics import RunRecord
+    from vit_dist.models import build_model
+
+    cfg = load_config(args.config, args.set)
+    placement, run_dir = _start(cfg)
+    _, val_split, classes = data.scan_dataset(cfg.data)
+    net = build_model(cfg, cfg.model.num_classes or len(classes))
+    checkpoint.load_weights(net, args.ckpt)
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    dataset = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size, batch_size)
+    ms.set_seed(cfg.train.seed)
+    result = evaluate(net, dataset, batch_size, placement, val_split.num_images)
+    record = RunRecord(run_dir, placement.is_main)
+    record.write_config(cfg)
+    record.write_eval(result)
+    if placement.is_main:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import mindspore as ms
+
+    from vit_dist import data
+    from vit_dist.models import build_model, vit_spec
+    from vit_dist.models.vit import count_parameters, forward_flops
+
+    cfg = load_config(args.config, args.set)
+    num_classes = cfg.model.num_classes or len(data.scan_dataset(cfg.data)[2])
+    ms.set_device("CPU")
+    info = {"params": count_parameters(build_model(cfg, num_classes)),
+            "forward_gflops": forward_flops(vit_spec(cfg, num_classes)) / 1e9}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        m = cfg.model
+        print(f"ViT-{m.variant}/{m.patch_size} at {cfg.data.image_size}px: dim {m.embed_dim}, depth {m.depth}, "
+              f"heads {m.num_heads}, mlp {m.mlp_dim}, {num_classes} classes")
+        print(f"parameters {info['params']:,}; forward {info['forward_gflops']:.3f} GFLOPs per image")
+    return 0
+
+
+def cmd_preflight(args) -> int:
+    cfg = load_config(args.config, args.set)
+    run_dir = preflight(cfg, args.world)
+    if args.ckpt and not Path(args.ckpt).is_file():
+        raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
+    print(run_dir.resolve())
+    print(cfg.parallel.device_target)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from vit_dist.demo_data import write_demo_data
+
+    counts = write_demo_data(args.out, args.image_size)
+    print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vit-dist", description="Distributed ViT training with MindSpore")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override config keys, e.g. --set train.epochs=3 model.depth=6 (repeatable)")
+        return p
+
+    with_config("train", "train (one device, or one worker of a launcher's job)").set_defaults(func=cmd_train)
+    p = with_config("eval", "evaluate a checkpoint on data.root/val")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
+    p.set_defaults(func=cmd_eval)
+    p = with_config("info", "parameter count and forward FLOPs per image")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    p = with_config("preflight", "check config and data for a job of --world ranks; "
+                                 "print the run directory and the device target")
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
+    p.set_defaults(func=cmd_preflight)
+    p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
+    p.add_argument("out")
+    p.add_argument("--image-size", type=int, default=32)
+    p.set_defaults(func=cmd_demo_data)
+    sub.add_parser("rank-table", help="generate, merge or validate HCCL rank tables", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if runtime.is_scheduler(os.environ):
+        runtime.serve_scheduler()
+        return 0
+    if argv[:1] == ["rank-table"]:
+        from vit_dist.rank_table import main as rank_table_main
+
+        return rank_table_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR

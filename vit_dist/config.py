@@ -1,0 +1,303 @@
+"""Typed run configuration: dataclasses, strict YAML loading, `--set` overrides, validation.
+
+The config is the single source of truth for a run. Everything that can be checked without data
+or MindSpore is checked here, so a bad key or value fails in a second, before any graph compiles.
+This module must not import MindSpore: the launchers call it in a pre-flight step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the problem and the fix."""
+
+
+# name: (embed_dim, depth, num_heads), as in "An Image is Worth 16x16 Words" and DeiT; MLP 4x wide.
+VIT_VARIANTS = {
+    "ti": (192, 12, 3),
+    "s": (384, 12, 6),
+    "b": (768, 12, 12),
+    "l": (1024, 24, 16),
+    "h": (1280, 32, 16),
+}
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
+LOW_PRECISION_DTYPES = ("float16", "bfloat16")
+LOSS_SCALES = ("none", "fixed", "dynamic")
+PARALLEL_MODES = ("data",)
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "b"  # ti|s|b|l|h: supplies the widths below that are left null
+    patch_size: int = 16
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_dim: Optional[int] = None  # null: 4 * embed_dim
+    num_classes: Optional[int] = None  # null: the number of class folders under data.root/train
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/imagenet"  # holds train/<class>/* and val/<class>/*
+    image_size: int = 224
+    num_workers: int = 8  # parallel map workers per rank
+    augment: bool = True  # random resized crop + flip; false: the eval transform for training too
+    shuffle: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.333)
+    hflip_prob: float = 0.5
+    eval_crop_fraction: float = 0.875  # resize to image_size / fraction, then center crop
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 64  # per device
+    eval_batch_size: Optional[int] = None  # null: batch_size
+    seed: int = 0
+    output_dir: Optional[str] = None  # null: runs/<timestamp>
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    label_smoothing: float = 0.1
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    log_interval: int = 20  # steps
+    eval_every_epochs: int = 1  # 0: evaluate only after the last epoch (which always happens)
+    max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "data"
+    device_target: str = "Ascend"
+    threads_per_rank: int = 0  # CPU backend kernel threads; 0: cores / ranks on this node
+
+
+@dataclass
+class PrecisionConfig:
+    amp_level: str = "O0"
+    dtype: str = "float16"
+    loss_scale: str = "none"
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: at the end of each epoch only
+    keep_last: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML file (or the defaults when path is None), applies `key=value` overrides,
+    fills variant widths and validates."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}; pass an existing YAML file") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, e.g. 'train:'")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "", source)
+    _fill_variant(cfg.model)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is read as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    keys, value = parse_override(item)
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), fields, prefix)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _suggest(key: str, fields: dict, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f"; valid keys: {', '.join(prefix + f for f in fields)}"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Checks a YAML value against a field's type; ints pass as floats and '5e-4' (which YAML 1.1
+    reads as a string) as a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _fill_variant(model: ModelConfig) -> None:
+    if model.variant not in VIT_VARIANTS:
+        raise ConfigError(f"model.variant '{model.variant}' is unknown; use one of {', '.join(VIT_VARIANTS)}")
+    embed_dim, depth, num_heads = VIT_VARIANTS[model.variant]
+    if model.embed_dim is None:
+        model.embed_dim = embed_dim
+    if model.depth is None:
+        model.depth = depth
+    if model.num_heads is None:
+        model.num_heads = num_heads
+    if model.mlp_dim is None:
+        model.mlp_dim = 4 * model.embed_dim
+
+
+def validate(cfg: Config) -> None:
+    """Raises ConfigError on the first value that cannot work, with the fix."""
+    m, d, t, p, pr = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.precision
+    _check_choice("parallel.device_target", p.device_target, DEVICE_TARGETS)
+    _check_choice("parallel.mode", p.mode, PARALLEL_MODES)
+    _check_choice("precision.amp_level", pr.amp_level, AMP_LEVELS)
+    _check_choice("precision.dtype", pr.dtype, LOW_PRECISION_DTYPES)
+    _check_choice("precision.loss_scale", pr.loss_scale, LOSS_SCALES)
+    for key, value in [("model.patch_size", m.patch_size), ("model.embed_dim", m.embed_dim),
+                       ("model.depth", m.depth), ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
+                       ("data.image_size", d.image_size), ("train.epochs", t.epochs),
+                       ("train.batch_size", t.batch_size), ("train.log_interval", t.log_interval)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if m.num_classes is not None and m.num_classes < 2:
+        raise ConfigError(f"model.num_classes must be at least 2 (or null to count class folders), got {m.num_classes}")
+    if d.image_size % m.patch_size:
+        raise ConfigError(f"data.image_size {d.image_size} is not divisible by model.patch_size {m.patch_size}; "
+                          f"use an image size that is a multiple of {m.patch_size}")
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.embed_dim {m.embed_dim} is not divisible by model.num_heads {m.num_heads}")
+    for key, rate in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
+                      ("model.drop_path_rate", m.drop_path_rate), ("data.hflip_prob", d.hflip_prob)]:
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {rate}")
+    if not 0.0 < d.eval_crop_fraction <= 1.0:
+        raise ConfigError(f"data.eval_crop_fraction must be in (0, 1], got {d.eval_crop_fraction}")
+    if not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
+        raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(d.crop_scale)}")
+    if not 0.0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        raise ConfigError(f"data.crop_ratio must be [min, max] with 0 < min <= max, got {list(d.crop_ratio)}")
+    if d.num_workers < 1:
+        raise ConfigError(f"data.num_workers must be at least 1, got {d.num_workers}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr must be > 0 and train.min_lr in [0, lr], got lr={t.lr} min_lr={t.min_lr}")
+    if t.warmup_epochs < 0 or t.grad_clip_norm < 0 or t.weight_decay < 0 or not 0 <= t.label_smoothing < 1:
+        raise ConfigError("train.warmup_epochs, grad_clip_norm and weight_decay must be >= 0 "
+                          "and train.label_smoothing in [0, 1)")
+    if t.eval_every_epochs < 0 or t.max_steps < 0:
+        raise ConfigError("train.eval_every_epochs and train.max_steps must be >= 0")
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        raise ConfigError(f"train.eval_batch_size must be at least 1 (or null), got {t.eval_batch_size}")
+    if pr.amp_level != "O0" or pr.loss_scale != "none":
+        raise ConfigError("precision: only amp_level O0 with loss_scale none is implemented so far; "
+                          "set precision.amp_level=O0 precision.loss_scale=none")
+    if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_n_steps < 0:
+        raise ConfigError("checkpoint.keep_last must be >= 1 and checkpoint.every_n_steps >= 0")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} '{value}' is not supported; use one of {', '.join(choices)}")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict for YAML/JSON output; tuples become lists."""
+    def plain(value):
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,61 @@
+"""Rank 0's run record: the resolved config, one log line and one JSON object per interval, eval.json.
+
+Every rank calls the same methods; only the main rank writes, so callers never branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from vit_dist.config import Config, dump_yaml
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_train_line(record: dict) -> str:
+    return (f"step {record['step']}/{record['total_steps']} epoch {record['epoch']} loss {record['loss']:.4f} "
+            f"lr {record['lr']:.3e} img/s {record['images_per_sec']:.1f} "
+            f"data {100 * record['data_wait']:.0f}% eta {format_duration(record['eta_s'])}")
+
+
+def format_eval_line(record: dict) -> str:
+    return (f"eval epoch {record['epoch']} top1 {100 * record['top1']:.2f}% top5 {100 * record['top5']:.2f}% "
+            f"images {record['images']}")
+
+
+class RunRecord:
+    def __init__(self, run_dir: Path, is_main: bool):
+        self.run_dir = run_dir
+        self.is_main = is_main
+
+    def write_config(self, cfg: Config) -> None:
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    def log(self, record: dict, line: str) -> None:
+        """Prints the line and appends the record to metrics.jsonl."""
+        if not self.is_main:
+            return
+        print(line, flush=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as out:
+            out.write(json.dumps(_finite(record)) + "\n")
+
+    def write_eval(self, result: dict) -> None:
+        if self.is_main:
+            (self.run_dir / "eval.json").write_text(json.dumps(result) + "\n")
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _finite(record: dict) -> dict:
+    # JSON has no NaN/inf: a diverged loss is written as null rather than breaking readers.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

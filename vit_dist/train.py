@@ -1,0 +1,135 @@
+"""The training step (one jit-compiled graph) and the loop around it.
+
+Every rank runs the same loop; the gradient all-reduce inside the step keeps the replicas equal,
+and the RunRecord writes only on rank 0.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vit_dist import checkpoint, data
+from vit_dist.config import Config
+from vit_dist.evaluate import evaluate
+from vit_dist.metrics import RunRecord, format_eval_line, format_train_line
+from vit_dist.models import build_model
+from vit_dist.optim import build_optimizer, lr_schedule, set_learning_rate
+from vit_dist.parallel.data_parallel import all_reduce_sum, gradient_reducer
+from vit_dist.runtime import Placement
+
+
+def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float):
+    """loss -> gradients -> mean over ranks -> clip by global norm -> AdamW update at the given
+    learning rate, in one graph: train_step(images, labels, lr) -> loss."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(images, labels):
+        return loss_fn(net(images).astype(ms.float32), labels)
+
+    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+
+    @ms.jit
+    def train_step(images, labels, lr):
+        loss, grads = grad_fn(images, labels)
+        grads = reduce_gradients(grads)
+        if clip_norm > 0:
+            grads = ops.clip_by_global_norm(grads, clip_norm)
+        set_learning_rate(optimizer, lr)
+        return ops.depend(loss, optimizer(grads))
+
+    return train_step
+
+
+@dataclass
+class Interval:
+    """Accumulates one log interval: the step losses (device tensors, read once) and the time split."""
+    started: float
+    losses: list
+    data_wait: float = 0.0
+
+    @classmethod
+    def start(cls) -> "Interval":
+        return cls(time.perf_counter(), [])
+
+
+def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
+    """Trains, checkpoints and evaluates; returns the final evaluation and the last checkpoint."""
+    import mindspore as ms
+
+    record = RunRecord(run_dir, placement.is_main)
+    record.write_config(cfg)
+    train_split, val_split, classes = data.scan_dataset(cfg.data)
+    steps_per_epoch = data.steps_per_epoch(train_split.num_images, placement.world_size, cfg.train.batch_size)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    ms.set_seed(cfg.train.seed)  # the same seed on every rank: identical initial parameters
+    net = build_model(cfg, cfg.model.num_classes or len(classes))
+    net.set_train(True)
+    learning_rates = lr_schedule(cfg.train, steps_per_epoch)
+    optimizer = build_optimizer(net, cfg.train)
+    train_step = make_train_step(net, optimizer, gradient_reducer(optimizer.parameters, placement),
+                                 cfg.train.label_smoothing, cfg.train.grad_clip_norm)
+    dataset = data.train_dataset(cfg, train_split, classes, placement.rank, placement.world_size)
+    eval_data = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size,
+                                  cfg.train.eval_batch_size or cfg.train.batch_size)
+    global_batch = cfg.train.batch_size * placement.world_size
+    record.say(f"training {total_steps} steps ({steps_per_epoch} per epoch, global batch {global_batch}) "
+               f"on {placement.world_size} rank(s); run directory {run_dir}")
+
+    def run_eval(epoch: int) -> dict:
+        result = evaluate(net, eval_data, cfg.train.eval_batch_size or cfg.train.batch_size, placement,
+                          val_split.num_images)
+        record.log({"step": step, "epoch": epoch, **result}, format_eval_line({"epoch": epoch, **result}))
+        return result
+
+    # A multi-epoch iterator: each `for` over it yields one epoch, reshuffled.
+    batches = dataset.create_tuple_iterator(num_epochs=cfg.train.epochs)
+    step, saved = 0, None
+    interval = Interval.start()
+    for epoch in range(1, cfg.train.epochs + 1):
+        fetched = time.perf_counter()
+        for images, labels in batches:
+            interval.data_wait += time.perf_counter() - fetched
+            interval.losses.append(train_step(images, labels, ms.Tensor(learning_rates[step], ms.float32)))
+            step += 1
+            if step == 1:
+                record.say(f"first step (graph compile included) took {time.perf_counter() - interval.started:.1f}s")
+                interval = Interval.start()  # keeps compile time out of the throughput figures
+            elif step % cfg.train.log_interval == 0 or step == total_steps:
+                _log_interval(record, interval, placement, step, epoch, total_steps, learning_rates[step - 1],
+                              global_batch)
+                interval = Interval.start()
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and placement.is_main:
+                saved = checkpoint.save(run_dir, net, optimizer, step, epoch, cfg.checkpoint.keep_last)
+            if step == total_steps:
+                break
+            fetched = time.perf_counter()
+        if placement.is_main and (saved is None or saved != checkpoint.checkpoint_path(run_dir, step)):
+            saved = checkpoint.save(run_dir, net, optimizer, step, epoch, cfg.checkpoint.keep_last)
+        if step == total_steps:
+            break
+        if cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0:
+            run_eval(epoch)
+            interval = Interval.start()
+    result = run_eval(epoch)
+    record.write_eval(result)
+    return {**result, "checkpoint": str(saved) if saved else None}
+
+
+def _log_interval(record: RunRecord, interval: Interval, placement: Placement, step: int, epoch: int,
+                  total_steps: int, lr: float, global_batch: int) -> None:
+    """All ranks reduce their losses (a collective: every rank must call this at the same step)."""
+    loss_sum, count = all_reduce_sum([sum(float(loss.asnumpy()) for loss in interval.losses),
+                                      len(interval.losses)], placement)
+    elapsed = time.perf_counter() - interval.started
+    steps = len(interval.losses)
+    entry = {"step": step, "epoch": epoch, "total_steps": total_steps, "loss": float(loss_sum / count), "lr": float(lr),
+             "images_per_sec": steps * global_batch / elapsed, "data_wait": interval.data_wait / elapsed,
+             "eta_s": (total_steps - step) * elapsed / steps}
+    record.log(entry, format_train_line(entry))
