@@ -78,11 +78,13 @@ EOF
 
 # Ranks on one node share its cores; runtime.cpu_threads splits them by this count.
 export LOCAL_WORLD_SIZE=$ranks_per_node
-status=0
+# The console shows rank 0's own lines; MindSpore's INFO/WARNING chatter stays in the log files.
+set +e +o pipefail
 "$PYTHON" -m mindspore.parallel.cluster.run \
     --worker_num "$world" --local_worker_num "$ranks_per_node" \
     --master_addr "$master_addr" --master_port "$master_port" --node_rank "$node_rank" \
     --log_dir "$log_dir" --join True --cluster_time_out "$join_timeout" --tail_worker_log 0 \
     "$ROOT/launch/worker.py" "$subcommand" "$config" ${worker_args[@]+"${worker_args[@]}"} \
-    --set "train.output_dir=$run_dir" || status=$?
+    --set "train.output_dir=$run_dir" 2>&1 | grep --line-buffered -v -E '^\[(INFO|WARNING)\] '
+status=${PIPESTATUS[0]}
 exit "$status"

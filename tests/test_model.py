@@ -44,3 +44,19 @@ def test_parameter_count_matches_the_closed_form():
     expected = (8 * 8 * 3 * d + d) + d + (n + 1) * d + 3 * (4 * (d * d + d) + 2 * d * 4 * d + 4 * d + d + 4 * d) \
         + 2 * d + d * classes + classes
     assert count_parameters(build_model(cfg, classes)) == expected
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    import mindspore as ms
+
+    from vit_dist.models.vit import DropPath
+
+    drop = DropPath(0.5)
+    x = ms.Tensor(np.ones((64, 3, 4), np.float32))
+    drop.set_train(True)
+    out = drop(x).asnumpy()
+    per_sample = out.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}  # survivors scaled by 1/keep
+    assert (per_sample == per_sample[:, :1]).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
+    drop.set_train(False)
+    assert (drop(x).asnumpy() == 1.0).all()

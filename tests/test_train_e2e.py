@@ -33,7 +33,10 @@ def test_two_ranks_end_with_the_parameters_of_one_device_at_double_batch(dp_runs
     assert two.keys() == one.keys()
     moments = [k for k in two if k.startswith("exp_avg")]
     assert moments and all(np.abs(two[k]).max() > 0 for k in moments), "optimizer state is checkpointed"
-    worst = max((_relative_difference(two[k], one[k]), k) for k in one)
+    # The key bias adds one constant to every score of a query, which softmax cancels: its true
+    # gradient is zero, and Adam turns the float noise in it into full-size steps of either sign.
+    compared = [k for k in one if "attn.key.bias" not in k]
+    worst = max((_relative_difference(two[k], one[k]), k) for k in compared)
     assert worst[0] < 1e-5, worst
 
 

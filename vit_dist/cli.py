@@ -74,8 +74,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import mindspore as ms
-
     from vit_dist import checkpoint, data
     from vit_dist.evaluate import evaluate
     from vit_dist.metrics import RunRecord
@@ -88,7 +86,6 @@ def cmd_eval(args) -> int:
     checkpoint.load_weights(net, args.ckpt)
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     dataset = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size, batch_size)
-    ms.set_seed(cfg.train.seed)
     result = evaluate(net, dataset, batch_size, placement, val_split.num_images)
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
