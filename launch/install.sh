@@ -12,5 +12,5 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"
-"$VENV/bin/python" -c 'import mindspore, numpy; print(f"vit-dist environment: {__import__("sys").prefix} '\
-'(mindspore {mindspore.__version__}, numpy {numpy.__version__})")'
+"$VENV/bin/python" -c 'import sys, mindspore, numpy
+print("vit-dist environment:", sys.prefix, "- mindspore", mindspore.__version__, "numpy", numpy.__version__)'
