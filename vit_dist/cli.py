@@ -84,9 +84,8 @@ def cmd_eval(args) -> int:
     _, val_split, classes = data.scan_dataset(cfg.data)
     net = build_model(cfg, cfg.model.num_classes or len(classes))
     checkpoint.load_weights(net, args.ckpt)
-    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-    dataset = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size, batch_size)
-    result = evaluate(net, dataset, batch_size, placement, val_split.num_images)
+    dataset = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size, cfg.train.eval_batch)
+    result = evaluate(net, dataset, cfg.train.eval_batch, placement, val_split.num_images)
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
     record.write_eval(result)

@@ -83,6 +83,10 @@ class TrainConfig:
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch (which always happens)
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
 
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
 
 @dataclass
 class ParallelConfig:

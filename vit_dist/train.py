@@ -77,13 +77,13 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
                                  cfg.train.label_smoothing, cfg.train.grad_clip_norm)
     dataset = data.train_dataset(cfg, train_split, classes, placement.rank, placement.world_size)
     eval_data = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size,
-                                  cfg.train.eval_batch_size or cfg.train.batch_size)
+                                  cfg.train.eval_batch)
     global_batch = cfg.train.batch_size * placement.world_size
     record.say(f"training {total_steps} steps ({steps_per_epoch} per epoch, global batch {global_batch}) "
                f"on {placement.world_size} rank(s); run directory {run_dir}")
 
     def run_eval(epoch: int) -> dict:
-        result = evaluate(net, eval_data, cfg.train.eval_batch_size or cfg.train.batch_size, placement,
+        result = evaluate(net, eval_data, cfg.train.eval_batch, placement,
                           val_split.num_images)
         record.log({"step": step, "epoch": epoch, **result}, format_eval_line({"epoch": epoch, **result}))
         return result
