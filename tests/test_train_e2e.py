@@ -111,3 +111,12 @@ def test_eval_rejects_a_checkpoint_of_another_model(dp_runs, tmp_path):
     result = vit_dist("eval", str(dp_runs["config"]), "--ckpt", str(last_checkpoint(dp_runs["one"])),
                       "--set", "model.embed_dim=64", f"train.output_dir={tmp_path}")
     assert result.returncode == 2 and "does not fit this model" in result.stderr
+
+
+def test_unwritable_output_dir_is_one_line_under_msrun(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "c.yaml", tiny_data)
+    (tmp_path / "file").write_text("not a directory")
+    result = msrun("-n", "2", str(config), "--set", f"train.output_dir={tmp_path / 'file' / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: cannot write to train.output_dir {tmp_path / 'file' / 'run'}")
+    assert len(result.stderr.strip().splitlines()) == 1

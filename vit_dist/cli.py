@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from vit_dist.checkpoint import CheckpointError
 from vit_dist import runtime
+from vit_dist.checkpoint import CheckpointError
 from vit_dist.config import Config, ConfigError, load_config
 
 EXIT_USER_ERROR = 2
@@ -121,6 +121,7 @@ def cmd_preflight(args) -> int:
     run_dir = preflight(cfg, args.world)
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
+    prepare_run_dir(run_dir)
     print(run_dir.resolve())
     print(cfg.parallel.device_target)
     return 0
