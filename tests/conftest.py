@@ -94,7 +94,7 @@ def tiny_config(path: Path, data_root: Path, **sections) -> Path:
         "parallel": {"device_target": "CPU", "threads_per_rank": 1},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -78,11 +78,12 @@ def cmd_eval(args) -> int:
     from vit_dist.evaluate import evaluate
     from vit_dist.metrics import RunRecord
     from vit_dist.models import build_model
+    from vit_dist.precision import apply_mixed_precision
 
     cfg = load_config(args.config, args.set)
     placement, run_dir = _start(cfg)
     _, val_split, classes = data.scan_dataset(cfg.data)
-    net = build_model(cfg, cfg.model.num_classes or len(classes))
+    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(classes)), cfg.precision)
     checkpoint.load_weights(net, args.ckpt)
     dataset = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size, cfg.train.eval_batch)
     result = evaluate(net, dataset, cfg.train.eval_batch, placement, val_split.num_images)

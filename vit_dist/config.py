@@ -97,9 +97,13 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    amp_level: str = "O0"
-    dtype: str = "float16"
-    loss_scale: str = "none"
+    amp_level: str = "O0"  # O0 float32 | O1 white-listed ops | O2 all but LayerNorm/softmax | O3 all
+    dtype: str = "float16"  # the low-precision type of O1-O3
+    loss_scale: str = "none"  # none | fixed | dynamic
+    loss_scale_value: float = 65536.0  # the fixed scale, or the dynamic scale's initial value
+    loss_scale_factor: int = 2  # dynamic: divide by it on overflow, multiply after a window
+    loss_scale_window: int = 2000  # dynamic: finite steps before the scale grows
+    min_loss_scale: float = 1.0  # dynamic: the scale never drops below this
 
 
 @dataclass
@@ -280,9 +284,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every_epochs and train.max_steps must be >= 0")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise ConfigError(f"train.eval_batch_size must be at least 1 (or null), got {t.eval_batch_size}")
-    if pr.amp_level != "O0" or pr.loss_scale != "none":
-        raise ConfigError("precision: only amp_level O0 with loss_scale none is implemented so far; "
-                          "set precision.amp_level=O0 precision.loss_scale=none")
+    if p.device_target == "CPU" and pr.amp_level != "O0" and pr.dtype == "bfloat16":
+        raise ConfigError("precision.dtype bfloat16 has no CPU kernels in MindSpore 2.10 (Reshape, LayerNorm, "
+                          "MatMul); use precision.dtype=float16 on CPU, or bfloat16 on Ascend")
+    if pr.loss_scale_value <= 0 or pr.loss_scale_factor <= 1 or pr.loss_scale_window < 1 \
+            or not 0 < pr.min_loss_scale <= pr.loss_scale_value:
+        raise ConfigError("precision: loss_scale_value must be > 0, loss_scale_factor > 1, loss_scale_window >= 1 "
+                          "and min_loss_scale in (0, loss_scale_value]")
     if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_n_steps < 0:
         raise ConfigError("checkpoint.keep_last must be >= 1 and checkpoint.every_n_steps >= 0")
 

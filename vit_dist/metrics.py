@@ -13,6 +13,8 @@ from vit_dist.config import Config, dump_yaml
 
 
 def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):  # no timed step yet in the interval
+        return "?"
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -20,9 +22,12 @@ def format_duration(seconds: float) -> str:
 
 
 def format_train_line(record: dict) -> str:
-    return (f"step {record['step']}/{record['total_steps']} epoch {record['epoch']} loss {record['loss']:.4f} "
+    line = (f"step {record['step']}/{record['total_steps']} epoch {record['epoch']} loss {record['loss']:.4f} "
             f"lr {record['lr']:.3e} img/s {record['images_per_sec']:.1f} "
             f"data {100 * record['data_wait']:.0f}% eta {format_duration(record['eta_s'])}")
+    if "loss_scale" in record:
+        line += f" scale {record['loss_scale']:g} overflows {record['overflows']} skipped {record['skipped_steps']}"
+    return line
 
 
 def format_eval_line(record: dict) -> str:

@@ -86,7 +86,7 @@ class Attention(nn.Cell):
         self.out = _dense(dim, dim)
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.context = ops.BatchMatMul()
-        self.softmax = ops.Softmax(axis=-1)
+        self.softmax = nn.Softmax(axis=-1)
         self.attn_drop = nn.Dropout(p=spec.attention_dropout)
         self.out_drop = nn.Dropout(p=spec.dropout)
 
