@@ -1,7 +1,10 @@
 """Checkpoints in safetensors (no pickle): written atomically by rank 0, pruned to the last K."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 from pathlib import Path
 
 SUFFIX = ".safetensors"
@@ -42,14 +45,65 @@ def save(run_dir: Path, net, optimizer, scaler, step: int, epoch: int, keep_last
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{SUFFIX}")
     state = [{"name": name, "data": param} for name, param in training_state(net, optimizer, scaler).items()]
-    ms.save_checkpoint(state, str(tmp), append_dict={"step": step, "epoch": epoch}, format="safetensors")
-    with open(tmp, "rb") as written:
-        os.fsync(written.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        ms.save_checkpoint(state, str(tmp), append_dict={"step": step, "epoch": epoch}, format="safetensors")
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+        _write_manifest(path, {"step": step, "epoch": epoch, "sha256": _sha256(path)})
+        _fsync_dir(path.parent)
+    except Exception as err:  # MindSpore wraps disk-full and permission errors in RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path} ({' '.join(str(err).split())[:200]}); free disk "
+                              f"space or set train.output_dir elsewhere, then resume with train.resume=auto: "
+                              f"the previous checkpoints are intact") from None
     for old in sorted(checkpoint_dir(run_dir).glob(f"step_*{SUFFIX}"))[:-keep_last]:
         old.unlink()
+        manifest_path(old).unlink(missing_ok=True)
     return path
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = manifest_path(path).with_name(f".{path.stem}.tmp.json")
+    with open(tmp, "w") as out:
+        json.dump(manifest, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, manifest_path(path))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified(path: Path) -> bool:
+    """The file is complete: its manifest exists and the checksum matches."""
+    try:
+        return json.loads(manifest_path(path).read_text())["sha256"] == _sha256(path)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """train.resume resolved: None, the given file, or (auto) the newest checkpoint in run_dir that
+    verifies; a corrupt or truncated one is skipped with a warning naming it."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    for candidate in sorted(checkpoint_dir(run_dir).glob(f"step_*{SUFFIX}"), reverse=True):
+        if verified(candidate):
+            return candidate
+        print(f"warning: skipping checkpoint {candidate}: missing manifest or checksum mismatch", file=sys.stderr)
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -82,6 +82,7 @@ class TrainConfig:
     log_interval: int = 20  # steps
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch (which always happens)
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
+    resume: Optional[str] = None  # null | auto (newest verified checkpoint in output_dir) | a checkpoint path
 
     @property
     def eval_batch(self) -> int:

@@ -120,11 +120,18 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
         record.log({"step": step, "epoch": epoch, **result}, format_eval_line({"epoch": epoch, **result}))
         return result
 
-    # A multi-epoch iterator: each `for` over it yields one epoch, reshuffled.
+    step = _resume(cfg, run_dir, record, net, optimizer, scaler)
+    # The pipeline skips the batches already consumed and keeps each epoch's shuffle order.
+    dataset.set_init_step(step)
+    # A multi-epoch iterator: each `for` over it yields (the rest of) one epoch, reshuffled.
     batches = dataset.create_tuple_iterator(num_epochs=cfg.train.epochs)
-    step, skipped, saved = 0, 0, None
+    skipped, saved, first_step = 0, None, step
+    first_epoch = step // steps_per_epoch + 1
+    epoch = min(first_epoch, cfg.train.epochs)  # reported when a resumed run has nothing left to train
     interval = Interval.start()
-    for epoch in range(1, cfg.train.epochs + 1):
+    for epoch in range(first_epoch, cfg.train.epochs + 1):
+        if step >= total_steps:
+            break
         fetched = time.perf_counter()
         for images, labels in batches:
             interval.data_wait += time.perf_counter() - fetched
@@ -132,7 +139,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
             interval.losses.append(loss)
             interval.finite.append(finite)
             step += 1
-            if step == 1:
+            if step == first_step + 1:
                 record.say(f"first step (graph compile included) took {time.perf_counter() - interval.started:.1f}s")
                 interval.started, interval.data_wait, interval.untimed_steps = time.perf_counter(), 0.0, 1
             if step % cfg.train.log_interval == 0 or step == total_steps:
@@ -154,6 +161,18 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
     result = run_eval(epoch)
     record.write_eval(result)
     return {**result, "checkpoint": str(saved) if saved else None}
+
+
+def _resume(cfg: Config, run_dir: Path, record: RunRecord, net, optimizer, scaler) -> int:
+    """Restores model, optimizer and loss scaler from train.resume; returns the step to continue from."""
+    path = checkpoint.resume_path(cfg.train.resume, run_dir)
+    if path is None:
+        if cfg.train.resume == "auto":
+            record.say(f"no verified checkpoint in {checkpoint.checkpoint_dir(run_dir)}: starting from scratch")
+        return 0
+    step, epoch = checkpoint.restore(path, net, optimizer, scaler)
+    record.say(f"resumed from {path}: step {step}, epoch {epoch}")
+    return step
 
 
 def _log_interval(record: RunRecord, interval: Interval, placement: Placement, step: int, epoch: int,

@@ -1,0 +1,96 @@
+"""A run killed with SIGKILL mid-epoch and resumed with train.resume=auto ends with the parameters of
+an uninterrupted run, on one device and on 2 msrun ranks."""
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON, ROOT, last_checkpoint, load_params, msrun, ok, tiny_config, tool_env, vit_dist
+
+# Shuffled (so the resumed data order matters), no augmentation (so it is exact), 60 steps.
+RESUMABLE = {"data": {"augment": False, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5},
+             "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _kill_when_checkpointed(proc: subprocess.Popen, run_dir, step: int, marker: str, timeout: float = 240) -> None:
+    """SIGKILLs every process of the job (launcher, scheduler, workers) once step_<step> is on disk."""
+    target = run_dir / "checkpoints" / f"step_{step:08d}.json"
+    deadline = time.monotonic() + timeout
+    while not target.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, f"no {target} after {timeout}s"
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-f", marker], check=False)
+    os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    proc.wait(timeout=30)
+    assert not (run_dir / "eval.json").exists(), "the run finished before the kill"
+
+
+def _same_parameters(resumed, uninterrupted) -> None:
+    a, b = load_params(last_checkpoint(resumed)), load_params(last_checkpoint(uninterrupted))
+    assert last_checkpoint(resumed).name == last_checkpoint(uninterrupted).name == "step_00000060.safetensors"
+    worst = max((float(np.linalg.norm(a[k].astype(np.float64) - b[k]) / max(np.linalg.norm(b[k]), 1e-12)), k)
+                for k in b)
+    assert worst[0] <= 1e-6, worst
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, ranks):
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, **RESUMABLE)
+    batch = f"train.batch_size={8 // ranks}"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+
+    def command(run_dir, *extra):
+        if ranks == 1:
+            return [PYTHON, "-m", "vit_dist", "train", str(config), "--set", batch, f"train.output_dir={run_dir}",
+                    *extra]
+        return ["bash", str(ROOT / "launch" / "msrun.sh"), "-n", "2", str(config), "--set", batch,
+                f"train.output_dir={run_dir}", *extra]
+
+    proc = _start(command(killed))
+    _kill_when_checkpointed(proc, killed, 20, str(killed))  # mid-epoch: 6 steps per epoch
+    newest = last_checkpoint(killed).name
+    assert newest in ("step_00000020.safetensors", "step_00000024.safetensors")
+    resumed = ok(vit_dist(*command(killed, "train.resume=auto")[3:])) if ranks == 1 else \
+        ok(msrun(*command(killed, "train.resume=auto")[2:]))
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    ok(vit_dist(*command(whole)[3:])) if ranks == 1 else ok(msrun(*command(whole)[2:]))
+    _same_parameters(killed, whole)
+
+
+def test_auto_resume_skips_a_corrupt_checkpoint_and_names_it(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, **RESUMABLE)
+    run = tmp_path / "run"
+    ok(vit_dist("train", str(config), "--set", "train.max_steps=12", f"train.output_dir={run}"))
+    newest = last_checkpoint(run)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    result = ok(vit_dist("train", str(config), "--set", "train.max_steps=12", "train.resume=auto",
+                         f"train.output_dir={run}"))
+    assert f"skipping checkpoint {newest}" in result.stderr
+    assert "resumed from" in result.stderr and "step_00000008.safetensors: step 8" in result.stderr
+
+
+def test_no_room_to_save_stops_with_a_clear_message_and_keeps_the_previous_checkpoint(tiny_data, tmp_path):
+    from vit_dist.checkpoint import verified
+
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, **RESUMABLE)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    # Writing step 8's temporary file hits a full disk (ENOSPC), as on a real full volume.
+    (run / "checkpoints" / ".step_00000008.tmp.safetensors").symlink_to("/dev/full")
+    result = vit_dist("train", str(config), "--set", "train.max_steps=12", f"train.output_dir={run}")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step_00000008.safetensors'}")
+    assert "free disk space" in last_line
+    previous = run / "checkpoints" / "step_00000006.safetensors"
+    assert verified(previous) and set(load_params(previous)) >= {"head.weight", "state_step"}
+    assert not (run / "checkpoints" / "step_00000008.safetensors").exists()
