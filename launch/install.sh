@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment and installs vit-dist into it.
-#   launch/install.sh [EXTRAS]     e.g. launch/install.sh demo   or   launch/install.sh test
+#   launch/install.sh [EXTRAS]     e.g. launch/install.sh demo   or   launch/install.sh test,mpi
 # VENV (default: .venv in the repository) and PYTHON_FOR_VENV (default: python3, 3.9-3.11) override.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -17,17 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
-def tool_env() -> dict:
+# OpenMPI refuses to run as root unless told to (test machines often are root).
+MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def tool_env(**extra: str) -> dict:
     """The environment of the test's own interpreter: its bin first on PATH, as msrun needs."""
-    env = dict(os.environ, PYTHON=PYTHON)
+    env = dict(os.environ, PYTHON=PYTHON, **extra)
     env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("MS_ROLE", None)
     return env
 
 
-def run(cmd: list[str], timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 300, cwd: Path = ROOT,
+        env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs a command in its own session; on timeout the whole process group is killed."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -49,6 +54,10 @@ def vit_dist(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def msrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run(["bash", str(ROOT / "launch" / "msrun.sh"), *args], timeout=timeout)
+
+
+def mpirun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run(["bash", str(ROOT / "launch" / "mpirun.sh"), *args], timeout=timeout, env=tool_env(**MPI_AS_ROOT))
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -107,3 +116,15 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
 
 def last_checkpoint(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("step_*.safetensors"))[-1]
+
+
+def worst_relative_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, str]:
+    """The largest relative difference between the tensors of two checkpoints, and its name. The key
+    bias adds one constant to every score of a query, which softmax cancels: its true gradient is
+    zero, and Adam turns the float noise in it into full-size steps of either sign, so it is left out."""
+    assert a.keys() == b.keys()
+    return max((_relative_difference(a[k], b[k]), k) for k in b if "attn.key.bias" not in k)
+
+
+def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-12))

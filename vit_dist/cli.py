@@ -53,6 +53,9 @@ def preflight(cfg: Config, world_size: int) -> Path:
 def _start(cfg: Config):
     """Checks the inputs, then brings up the backend; returns (placement, run directory)."""
     placement = runtime.detect_placement(os.environ)
+    if placement.distributed:  # a launcher that learns only the pid of a dead worker finds its rank here
+        print(f"worker rank {placement.rank} of {placement.world_size}, pid {os.getpid()}", file=sys.stderr,
+              flush=True)
     run_dir = preflight(cfg, placement.world_size)
     if placement.is_main:
         prepare_run_dir(run_dir)
@@ -61,10 +64,10 @@ def _start(cfg: Config):
 
 
 def cmd_train(args) -> int:
-    from vit_dist.train import train
-
     cfg = load_config(args.config, args.set)
     placement, run_dir = _start(cfg)
+    from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
+
     result = train(cfg, placement, run_dir)
     if placement.is_main:
         print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
@@ -74,14 +77,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.set)
+    placement, run_dir = _start(cfg)
+    # These import mindspore, which must come after _start (runtime.join_mpi_job).
     from vit_dist import checkpoint, data
     from vit_dist.evaluate import evaluate
     from vit_dist.metrics import RunRecord
     from vit_dist.models import build_model
     from vit_dist.precision import apply_mixed_precision
 
-    cfg = load_config(args.config, args.set)
-    placement, run_dir = _start(cfg)
     _, val_split, classes = data.scan_dataset(cfg.data)
     net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(classes)), cfg.precision)
     checkpoint.load_weights(net, args.ckpt)
@@ -119,6 +123,9 @@ def cmd_info(args) -> int:
 
 def cmd_preflight(args) -> int:
     cfg = load_config(args.config, args.set)
+    if args.nodes > 1 and cfg.train.output_dir is None:
+        raise ConfigError(f"a job across {args.nodes} nodes needs train.output_dir: each node's launcher would "
+                          "make a run directory of its own; set it to a directory every node shares")
     run_dir = preflight(cfg, args.world)
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
@@ -157,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("preflight", "check config and data for a job of --world ranks; "
                                  "print the run directory and the device target")
     p.add_argument("--world", type=int, required=True)
+    p.add_argument("--nodes", type=int, default=1,
+                   help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
     p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
@@ -170,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if runtime.is_scheduler(os.environ):
-        runtime.serve_scheduler()
+        runtime.serve_scheduler(os.environ)
         return 0
     if argv[:1] == ["rank-table"]:
         from vit_dist.rank_table import main as rank_table_main

@@ -5,16 +5,32 @@ a `Placement`.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
+import signal
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from typing import Mapping
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
+# Under mpirun: the address rank 0 starts MindSpore's scheduler on (launch/mpirun.sh --master-addr).
+MASTER_ADDR = "VIT_DIST_MASTER_ADDR"
+# In the scheduler rank 0 starts: rank 0's pid, which the scheduler must not outlive.
+SCHEDULER_PARENT = "VIT_DIST_SCHEDULER_PARENT"
+# Set by launch/msrun.sh on each node's launcher.
+NODE_RANK = "VIT_DIST_NODE_RANK"
+# Seconds MindSpore's scheduler waits on a silent worker (launch/*.sh --failure-timeout; MindSpore's default is 30).
+NODE_TIMEOUT = "MS_NODE_TIMEOUT"
+# What OpenMPI gives each process it starts; the scheduler is none of them.
+MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 
 
 @dataclass(frozen=True)
 class Placement:
-    launcher: str  # single | msrun | rank_table
+    launcher: str  # single | msrun | mpirun | rank_table
     rank: int
     world_size: int
     local_rank: int  # also the device id on Ascend/GPU
@@ -30,15 +46,29 @@ class Placement:
 
 
 def is_scheduler(env: Mapping[str, str]) -> bool:
-    """msrun also starts the worker script as the cluster's scheduler process."""
+    """msrun starts the worker script as the cluster's scheduler process too; under mpirun rank 0 does."""
     return env.get("MS_ROLE") == "MS_SCHED"
 
 
-def serve_scheduler() -> None:
+def serve_scheduler(env: Mapping[str, str]) -> None:
     """The scheduler's part of init(): it brokers the cluster until the workers are done."""
+    if env.get(NODE_RANK, "0") != "0":
+        # msrun starts a scheduler on every node whose address is the master address: with several
+        # nodes' launchers on one host, only node 0's may serve (the others could not bind its port).
+        return
+    if SCHEDULER_PARENT in env:
+        _exit_with_parent(int(env[SCHEDULER_PARENT]))
     from mindspore.communication import init
 
     init()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A killed rank 0 runs no exit handler: have the kernel kill its scheduler with it (Linux)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # rank 0 died before the request was made
+        sys.exit(1)
 
 
 def detect_placement(env: Mapping[str, str]) -> Placement:
@@ -49,11 +79,73 @@ def detect_placement(env: Mapping[str, str]) -> Placement:
         local_rank = int(env.get("DEVICE_ID", "0"))
         return Placement("msrun", int(env.get("RANK_ID", local_rank)), world, local_rank,
                          int(env.get("LOCAL_WORLD_SIZE", world)))
+    if "OMPI_COMM_WORLD_SIZE" in env:  # OpenMPI's mpirun
+        return Placement("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                         int(env["OMPI_COMM_WORLD_LOCAL_RANK"]), int(env["OMPI_COMM_WORLD_LOCAL_SIZE"]))
     if "RANK_TABLE_FILE" in env and "RANK_SIZE" in env:
         local_rank = int(env.get("DEVICE_ID", "0"))
         return Placement("rank_table", int(env["RANK_ID"]), int(env["RANK_SIZE"]), local_rank,
                          int(env.get("LOCAL_WORLD_SIZE", "1")))
     return Placement("single", 0, 1, 0, 1)
+
+
+def join_mpi_job(placement: Placement, env: Mapping[str, str]) -> None:
+    """mpirun starts the workers but no MindSpore scheduler, so bring up the dynamic cluster from MPI:
+    rank 0 picks a free port on the master address and starts the scheduler there, a broadcast tells
+    every rank where it is, and each rank sets the MS_* variables init() reads. Call it before
+    mindspore is imported (see _start_scheduler)."""
+    if "mindspore" in sys.modules:
+        raise RuntimeError("join_mpi_job must run before mindspore is imported: its exit handler has to run "
+                           "after mindspore's, which unregisters this worker from the scheduler")
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (placement.rank, placement.world_size):
+        raise RuntimeError(f"mpirun started this process as rank {placement.rank} of {placement.world_size} but "
+                           f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()}: mpi4py loaded another MPI "
+                           "library than the mpirun's (install vit-dist[mpi] and use the mpirun it provides)")
+    address = _free_address(env.get(MASTER_ADDR, "127.0.0.1")) if placement.is_main else None
+    host, port = comm.bcast(address, root=0)
+    # MPI has done its part. Finalizing now also spares a failing rank from blocking at exit in
+    # MPI_Finalize, which would wait for the ranks stuck in a MindSpore collective.
+    MPI.Finalize()
+    cluster = {"MS_WORKER_NUM": str(placement.world_size), "MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port)}
+    if placement.is_main:
+        _start_scheduler(cluster, float(env.get(NODE_TIMEOUT, "30")))
+    os.environ.update(cluster, MS_ROLE="MS_WORKER", MS_NODE_ID=str(placement.rank))
+
+
+def _free_address(host: str) -> tuple[str, int]:
+    """(host, a port free on it now); the scheduler binds that port a moment later."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as err:
+            raise RuntimeError(f"rank 0 cannot listen on master address {host} ({err.strerror}); "
+                               "give launch/mpirun.sh --master-addr an address of rank 0's host") from None
+        return host, probe.getsockname()[1]
+
+
+def _start_scheduler(cluster: dict, node_timeout: float) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
+    env.update(cluster, MS_ROLE="MS_SCHED", **{SCHEDULER_PARENT: str(os.getpid())})
+    scheduler = subprocess.Popen([sys.executable, "-m", "vit_dist"], env=env, stdin=subprocess.DEVNULL)
+    # Exit handlers run last-registered first, and importing mindspore registers the one that
+    # unregisters this worker from the scheduler: registered before that import, this one runs after
+    # it. (Waiting for the scheduler before unregistering would wait for ourselves.)
+    atexit.register(_stop_scheduler, scheduler, node_timeout)
+
+
+def _stop_scheduler(scheduler: subprocess.Popen, node_timeout: float) -> None:
+    """After a clean end the scheduler exits once the last worker has unregistered. After an uncaught
+    exception (sys.last_value) MindSpore leaves this worker registered, and the job has failed anyway."""
+    if getattr(sys, "last_value", None) is None:
+        try:
+            scheduler.wait(node_timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    scheduler.kill()
+    scheduler.wait()
 
 
 def cpu_threads(threads_per_rank: int, local_world_size: int) -> int:
@@ -68,6 +160,8 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
     """Graph mode on the configured device; for a multi-rank job init() the collective backend
     (HCCL/NCCL/MCCL by device) and the data-parallel context. Returns the placement with the rank
     the backend assigned."""
+    if placement.launcher == "mpirun" and placement.distributed:
+        join_mpi_job(placement, os.environ)  # before mindspore is imported
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs `vit-dist train|eval` on N ranks through OpenMPI's mpirun (install with: launch/install.sh mpi).
+#
+#   launch/mpirun.sh -n N [--hostfile F --master-addr A] [--failure-timeout S]
+#                    [train|eval] CONFIG [--ckpt C] [--set k=v ...]
+#
+# Each rank learns its place from mpirun; rank 0 starts MindSpore's scheduler on A (127.0.0.1 unless
+# F lists other hosts: then rank 0's address, which all ranks reach) and every rank joins it. Across
+# hosts, train.output_dir and the Python environment must be on paths every host shares.
+# As root, OpenMPI wants OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+ranks=""
+hostfile=""
+OPTIONS+=([-n]=ranks [--np]=ranks [--hostfile]=hostfile)
+parse_command_line "$@"
+[[ -n $ranks ]] || usage
+put_python_first_on_path
+preflight "$ranks" 1
+print_summary mpirun "$ranks" "${hostfile:+hosts of $hostfile, as mpirun places the ranks}${hostfile:-this host}" \
+    "$master_addr, on a free port rank 0 picks"
+
+# Read by every rank (runtime.join_mpi_job) and by the scheduler rank 0 starts; -x carries them to other hosts.
+export VIT_DIST_MASTER_ADDR=$master_addr
+mpirun_args=(-n "$ranks" -x VIT_DIST_MASTER_ADDR
+    # MindSpore sizes each rank's kernel thread pool itself (runtime.cpu_threads); OpenMPI's default
+    # binding of up to 2 ranks to one core each would squeeze those threads onto that core.
+    --bind-to none)
+if [[ -n $failure_timeout ]]; then
+    export MS_NODE_TIMEOUT=$failure_timeout
+    mpirun_args+=(-x MS_NODE_TIMEOUT)
+fi
+if [[ -n $hostfile ]]; then
+    mpirun_args+=(--hostfile "$hostfile")
+fi
+transcript="$log_dir/mpirun.log"
+worker_command
+run_job "$transcript" mpirun "${mpirun_args[@]}" bash "$ROOT/launch/mpi_rank.sh" "$log_dir" "$PYTHON" "${worker_cmd[@]}"
+if [[ $job_status -ne 0 ]]; then
+    # mpirun names the first failed rank: "process rank R with PID ..." (killed by a signal), or
+    # "Process name: [...,R]" before its exit code.
+    rank=$(sed -n -E -e 's/.*process rank ([0-9]+) with PID.*/\1/p' -e 's/^ *Process name: .*,([0-9]+)\]$/\1/p' \
+        "$transcript" | head -n 1)
+    report_failure "$job_status" "$rank" "failed (mpirun's message above says how)"
+fi
+exit "$job_status"
