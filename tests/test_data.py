@@ -18,7 +18,8 @@ def test_scan_counts_classes_and_ignores_hidden_and_stray_files(tiny_data, tmp_p
     (root / "train" / ".hidden").mkdir()
     (root / "train" / "a1" / "notes.txt").write_text("not an image")
     (root / "train" / "a1" / ".DS_Store").write_text("")
-    assert data.scan_split(root, "train") == data.Split(root / "train", ("a1",), 2)
+    split = data.scan_split(root, "train")
+    assert (split.classes, split.files, split.num_images) == (("a1",), ("a1/train_000.png", "a1/train_001.png"), 2)
 
 
 def test_missing_root_split_and_empty_split_are_clear(tmp_path):

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL mid-epoch and resumed with train.resume=auto ends with the parameters of
 an uninterrupted run, on one device and on 2 msrun ranks."""
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,9 @@ import pytest
 
 from conftest import PYTHON, ROOT, last_checkpoint, load_params, msrun, ok, tiny_config, tool_env, vit_dist
 
-# Shuffled (so the resumed data order matters), no augmentation (so it is exact), 60 steps.
-RESUMABLE = {"data": {"augment": False, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5},
+# Shuffled (so the resumed data order matters), no augmentation (so it is exact), 60 steps, 5 evaluations.
+RESUMABLE = {"data": {"augment": False, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5,
+                                                                     "eval_every_epochs": 2},
              "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
 
 
@@ -64,6 +66,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, ran
     assert "resumed from" in resumed.stderr + resumed.stdout
     ok(vit_dist(*command(whole)[3:])) if ranks == 1 else ok(msrun(*command(whole)[2:]))
     _same_parameters(killed, whole)
+    assert _best(killed) == _best(whole)
+
+
+def _best(run_dir) -> str:
+    """The kept best checkpoint: the first evaluation with the highest top-1, over the killed and the
+    resumed part of a run."""
+    from vit_dist.checkpoint import best_checkpoint, read_manifest
+
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"top1"' in line]
+    assert len(evals) == 5, evals
+    best = max(evals, key=lambda r: (r["top1"], -r["step"]))
+    (path, top1), = [best_checkpoint(run_dir)]
+    assert list((run_dir / "checkpoints").glob("best_*.safetensors")) == [path]
+    assert path.name == f"best_step_{best['step']:08d}.safetensors" and top1 == best["top1"]
+    assert read_manifest(path)["epoch"] == best["epoch"]
+    return path.name
 
 
 def test_auto_resume_skips_a_corrupt_checkpoint_and_names_it(tiny_data, tmp_path):
@@ -76,6 +94,11 @@ def test_auto_resume_skips_a_corrupt_checkpoint_and_names_it(tiny_data, tmp_path
                          f"train.output_dir={run}"))
     assert f"skipping checkpoint {newest}" in result.stderr
     assert "resumed from" in result.stderr and "step_00000008.safetensors: step 8" in result.stderr
+    # A checkpoint of another model is refused in one line, before anything is loaded into the model.
+    other = vit_dist("train", str(config), "--set", "model.embed_dim=48", f"train.resume={last_checkpoint(run)}",
+                     f"train.output_dir={tmp_path / 'other'}")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert other.stderr.startswith(f"error: checkpoint {last_checkpoint(run)} does not fit: missing [], wrong shape")
 
 
 def test_no_room_to_save_stops_with_a_clear_message_and_keeps_the_previous_checkpoint(tiny_data, tmp_path):

@@ -103,7 +103,8 @@ def test_bad_data_is_one_line_before_anything_compiles(tiny_data, tmp_path, over
 def test_eval_rejects_a_checkpoint_of_another_model(dp_runs, tmp_path):
     result = vit_dist("eval", str(dp_runs["config"]), "--ckpt", str(last_checkpoint(dp_runs["one"])),
                       "--set", "model.embed_dim=64", f"train.output_dir={tmp_path}")
-    assert result.returncode == 2 and "does not fit this model" in result.stderr
+    assert result.returncode == 2 and "does not fit: missing [], wrong shape ['blocks.0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unwritable_output_dir_is_one_line_under_msrun(tiny_data, tmp_path):

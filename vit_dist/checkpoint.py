@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIX = ".safetensors"
@@ -15,6 +17,14 @@ NOT_SAVED_PREFIXES = ("learning_rate", "max_exp_avg_sq")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands, saved with the tensors."""
+    step: int
+    epoch: int
+    skipped_steps: int = 0  # steps left out for non-finite gradients, since the start of the run
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -36,21 +46,22 @@ def training_state(net, optimizer, scaler) -> dict:
     return {**state, **scaler_state(scaler)}
 
 
-def save(run_dir: Path, net, optimizer, scaler, step: int, epoch: int, keep_last: int) -> Path:
+def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: int, config_digest: str) -> Path:
     """Writes checkpoints/step_N.safetensors via a temporary file, fsync and rename, so a crash
     leaves either the old set of files or the new one; then deletes all but the newest keep_last."""
     import mindspore as ms
 
-    path = checkpoint_path(run_dir, step)
+    path = checkpoint_path(run_dir, progress.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{SUFFIX}")
     state = [{"name": name, "data": param} for name, param in training_state(net, optimizer, scaler).items()]
     try:
-        ms.save_checkpoint(state, str(tmp), append_dict={"step": step, "epoch": epoch}, format="safetensors")
+        ms.save_checkpoint(state, str(tmp), append_dict=vars(progress), format="safetensors")
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
-        _write_manifest(path, {"step": step, "epoch": epoch, "sha256": _sha256(path)})
+        _write_manifest(path, {"step": progress.step, "epoch": progress.epoch, "config": config_digest,
+                               "sha256": _sha256(path)})
         _fsync_dir(path.parent)
     except Exception as err:  # MindSpore wraps disk-full and permission errors in RuntimeError
         tmp.unlink(missing_ok=True)
@@ -65,6 +76,47 @@ def save(run_dir: Path, net, optimizer, scaler, step: int, epoch: int, keep_last
 
 def manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(manifest_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def best_checkpoint(run_dir: Path) -> tuple[Path, float] | None:
+    """The kept best checkpoint and its val top-1, if there is one that verifies."""
+    for path in sorted(checkpoint_dir(run_dir).glob(f"best_step_*{SUFFIX}"), reverse=True):
+        if verified(path):
+            return path, float(read_manifest(path)["top1"])
+    return None
+
+
+def keep_best(run_dir: Path, path: Path, top1: float) -> Path:
+    """Keeps the checkpoint `path` as checkpoints/best_step_N (a hard link where the file system has
+    them: no copy, and pruning `path` later leaves it), with its val top-1 in the manifest; then
+    removes the previous best. A crash in between leaves two bests, never none."""
+    best = path.with_name(f"best_{path.name}")
+    tmp = best.with_name(f".{best.stem}.tmp{SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, best)
+        _write_manifest(best, {**read_manifest(path), "top1": top1})
+        _fsync_dir(best.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot keep {path} as the best checkpoint ({err.strerror}); free disk space, then "
+                              "resume with train.resume=auto") from None
+    for old in checkpoint_dir(run_dir).glob(f"best_step_*{SUFFIX}"):
+        if old != best:
+            old.unlink()
+            manifest_path(old).unlink(missing_ok=True)
+    return best
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
@@ -87,8 +139,8 @@ def _sha256(path: Path) -> str:
 def verified(path: Path) -> bool:
     """The file is complete: its manifest exists and the checksum matches."""
     try:
-        return json.loads(manifest_path(path).read_text())["sha256"] == _sha256(path)
-    except (OSError, ValueError, KeyError):
+        return read_manifest(path).get("sha256") == _sha256(path)
+    except OSError:
         return False
 
 
@@ -114,19 +166,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def restore(path: str | Path, net, optimizer, scaler) -> tuple[int, int]:
-    """Loads everything save() wrote back into the live objects; returns (step, epoch)."""
+def restore(path: str | Path, net, optimizer, scaler) -> Progress:
+    """Loads everything save() wrote back into the live objects; returns where training stood."""
     import mindspore as ms
 
     saved = _read(Path(path))
     state = training_state(net, optimizer, scaler)
-    missing = sorted(set(state) - set(saved))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing[:5]}; it was written by another model or "
-                              "precision setup")
+    _check_fits(path, state, saved, "it was written by another model, optimizer or loss-scale setup; "
+                                    "check model.*, precision.loss_scale, or start a new train.output_dir")
     for name, param in state.items():
         param.set_data(ms.Tensor(saved[name].asnumpy(), param.dtype))
-    return int(saved["step"].asnumpy()), int(saved["epoch"].asnumpy())
+    counters = {name: int(saved[name].asnumpy()) for name in ("step", "epoch", "skipped_steps") if name in saved}
+    return Progress(**counters)
+
+
+def _check_fits(path, wanted: dict, saved: dict, fix: str) -> None:
+    """Raises CheckpointError unless every wanted tensor is saved with its shape."""
+    missing = sorted(set(wanted) - set(saved))
+    wrong_shape = sorted(f"{name} {tuple(saved[name].shape)} vs {tuple(wanted[name].shape)}"
+                         for name in wanted.keys() & saved.keys()
+                         if tuple(saved[name].shape) != tuple(wanted[name].shape))
+    if missing or wrong_shape:
+        raise CheckpointError(f"checkpoint {path} does not fit: missing {missing[:3]}, wrong shape {wrong_shape[:3]}; "
+                              + fix)
 
 
 def _read(path: Path) -> dict:
@@ -147,9 +209,5 @@ def load_weights(net, path: str | Path) -> None:
 
     saved = _read(Path(path))
     params = {p.name: p for p in net.get_parameters()}
-    missing = sorted(set(params) - set(saved))
-    wrong_shape = sorted(n for n in params.keys() & saved.keys() if tuple(saved[n].shape) != tuple(params[n].shape))
-    if missing or wrong_shape:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
-                              f"wrong shape {wrong_shape[:5]}; check model.* and model.num_classes")
+    _check_fits(path, params, saved, "check model.* and model.num_classes")
     ms.load_param_into_net(net, {name: saved[name] for name in params})

@@ -16,6 +16,7 @@ from pathlib import Path
 from vit_dist import runtime
 from vit_dist.checkpoint import CheckpointError
 from vit_dist.config import Config, ConfigError, load_config
+from vit_dist.metrics import RunRecord, read_data_check
 
 EXIT_USER_ERROR = 2
 
@@ -38,37 +39,50 @@ def prepare_run_dir(run_dir: Path) -> None:
                           "choose a writable directory with --set train.output_dir=PATH") from None
 
 
-def preflight(cfg: Config, world_size: int) -> Path:
-    """Every check that needs no MindSpore: data folders, batch vs shard, the run directory."""
+def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
+    """Every check that needs no MindSpore: data folders and image files, batch vs shard, the run
+    directory. The main process says what the data scan found once and records it in the run
+    directory; with reuse_record, that record (for the same file listing) stands in for reading
+    every image header again. Returns (run directory, data.DataScan)."""
     from vit_dist import data
 
-    train_split, _, classes = data.scan_dataset(cfg.data)
-    data.steps_per_epoch(train_split.num_images, world_size, cfg.train.batch_size)
-    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
-        raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(classes)} class "
-                          f"folders in {train_split.path}; set model.num_classes to null or >= {len(classes)}")
-    return resolve_run_dir(cfg)
+    run_dir = resolve_run_dir(cfg)
+    scan = data.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
+    bad = scan.bad_files()
+    if bad and cfg.data.on_bad_image == "error":
+        raise ConfigError(f"{len(bad)} image file(s) the decoder would fail on, the first {bad[0]}; remove them "
+                          f"(vit-dist check-data {cfg.data.root} lists all) or set data.on_bad_image=skip")
+    if is_main and scan.fresh:
+        for line in scan.report():
+            print(line, file=sys.stderr, flush=True)
+    data.steps_per_epoch(scan.train.num_images, world_size, cfg.train.batch_size)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < len(scan.classes):
+        raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(scan.classes)} class "
+                          f"folders in {scan.train.path}; set model.num_classes to null or >= {len(scan.classes)}")
+    if is_main:
+        prepare_run_dir(run_dir)
+        if scan.fresh:
+            RunRecord(run_dir, True).write_data_check(scan.record())
+    return run_dir, scan
 
 
 def _start(cfg: Config):
-    """Checks the inputs, then brings up the backend; returns (placement, run directory)."""
+    """Checks the inputs, then brings up the backend; returns (placement, run directory, data scan)."""
     placement = runtime.detect_placement(os.environ)
     if placement.distributed:  # a launcher that learns only the pid of a dead worker finds its rank here
         print(f"worker rank {placement.rank} of {placement.world_size}, pid {os.getpid()}", file=sys.stderr,
               flush=True)
-    run_dir = preflight(cfg, placement.world_size)
-    if placement.is_main:
-        prepare_run_dir(run_dir)
+    run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True)
     placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement)
-    return placement, run_dir.resolve()
+    return placement, run_dir.resolve(), scan
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir = _start(cfg)
+    placement, run_dir, scan = _start(cfg)
     from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
 
-    result = train(cfg, placement, run_dir)
+    result = train(cfg, placement, run_dir, scan)
     if placement.is_main:
         print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
               f"on {result['images']} images; checkpoint {result['checkpoint']}")
@@ -78,19 +92,18 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir = _start(cfg)
+    placement, run_dir, scan = _start(cfg)
     # These import mindspore, which must come after _start (runtime.join_mpi_job).
     from vit_dist import checkpoint, data
     from vit_dist.evaluate import evaluate
-    from vit_dist.metrics import RunRecord
     from vit_dist.models import build_model
     from vit_dist.precision import apply_mixed_precision
 
-    _, val_split, classes = data.scan_dataset(cfg.data)
-    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(classes)), cfg.precision)
+    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(scan.classes)), cfg.precision)
     checkpoint.load_weights(net, args.ckpt)
-    dataset = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size, cfg.train.eval_batch)
-    result = evaluate(net, dataset, cfg.train.eval_batch, placement, val_split.num_images)
+    dataset = data.eval_dataset(cfg, scan.val, scan.classes, placement.rank, placement.world_size,
+                                cfg.train.eval_batch)
+    result = evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images)
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
     record.write_eval(result)
@@ -126,13 +139,27 @@ def cmd_preflight(args) -> int:
     if args.nodes > 1 and cfg.train.output_dir is None:
         raise ConfigError(f"a job across {args.nodes} nodes needs train.output_dir: each node's launcher would "
                           "make a run directory of its own; set it to a directory every node shares")
-    run_dir = preflight(cfg, args.world)
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
-    prepare_run_dir(run_dir)
+    run_dir, _ = preflight(cfg, args.world, is_main=True, reuse_record=False)
     print(run_dir.resolve())
     print(cfg.parallel.device_target)
     return 0
+
+
+def cmd_check_data(args) -> int:
+    from vit_dist import data
+    from vit_dist.config import DataConfig
+
+    scan = data.scan_and_check(DataConfig(root=args.root))
+    for line in scan.train.notes + scan.val.notes:
+        print(line)
+    bad = scan.bad_files()
+    for line in bad:
+        print(line)
+    checked = sum(split.num_images + len(split.bad) for split in (scan.train, scan.val))
+    print(f"{len(bad)} bad of {checked} image files under {args.root}")
+    return 1 if bad else 0
 
 
 def cmd_demo_data(args) -> int:
@@ -168,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
     p.set_defaults(func=cmd_preflight)
+    p = sub.add_parser("check-data", help="list the image files under ROOT/train and ROOT/val that the decoder "
+                                          "would fail on, with reasons; exit status 1 if there are any")
+    p.add_argument("root", help="the data.root folder, holding train/ and val/")
+    p.set_defaults(func=cmd_check_data)
     p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
     p.add_argument("out")
     p.add_argument("--image-size", type=int, default=32)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
 LOSS_SCALES = ("none", "fixed", "dynamic")
 PARALLEL_MODES = ("data",)
+BAD_IMAGE_ACTIONS = ("skip", "error")
 
 
 @dataclass
@@ -61,6 +64,7 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (0.75, 1.333)
     hflip_prob: float = 0.5
     eval_crop_fraction: float = 0.875  # resize to image_size / fraction, then center crop
+    on_bad_image: str = "skip"  # skip: train without the files the decoder would fail on | error: stop first
 
 
 @dataclass
@@ -249,6 +253,7 @@ def validate(cfg: Config) -> None:
     _check_choice("parallel.device_target", p.device_target, DEVICE_TARGETS)
     _check_choice("parallel.mode", p.mode, PARALLEL_MODES)
     _check_choice("precision.amp_level", pr.amp_level, AMP_LEVELS)
+    _check_choice("data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
     _check_choice("precision.dtype", pr.dtype, LOW_PRECISION_DTYPES)
     _check_choice("precision.loss_scale", pr.loss_scale, LOSS_SCALES)
     for key, value in [("model.patch_size", m.patch_size), ("model.embed_dim", m.embed_dim),
@@ -310,6 +315,14 @@ def to_dict(cfg: Config) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(dataclasses.asdict(cfg))
+
+
+def config_digest(cfg: Config) -> str:
+    """A short hash of what shapes a run's results; where it goes and what it resumes from are left out."""
+    settings = to_dict(cfg)
+    for key in ("resume", "output_dir"):
+        settings["train"].pop(key)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -5,7 +5,10 @@ mismatch is one clear line; the pipelines use MindSpore's ImageFolderDataset wit
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,34 +16,95 @@ from vit_dist.config import Config, ConfigError, DataConfig
 
 # What MindSpore's native decoder reads; other files in a class folder are not images to it.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# ImageFolderDataset matches extensions exactly: ".jpg" and ".JPG" are read, ".Jpg" is not.
+READ_EXTENSIONS = tuple(sorted({e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())}))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class Split:
+    """One split as ImageFolderDataset enumerates it, and which of those files the pipeline leaves out."""
     path: Path
     classes: tuple[str, ...]
-    num_images: int
+    files: tuple[str, ...]  # "class/name": class folders in order, names in byte order within each
+    hidden: tuple[int, ...] = ()  # positions in files of hidden files (".DS_Store", "._x.jpg")
+    bad: tuple[tuple[int, str], ...] = ()  # (position, reason) of files the decoder would fail on
+    notes: tuple[str, ...] = ()  # what the scan ignored, to say once
+
+    @property
+    def num_images(self) -> int:
+        return len(self.files) - len(self.excluded)
+
+    @property
+    def excluded(self) -> frozenset[int]:
+        return frozenset(self.hidden) | {position for position, _ in self.bad}
+
+    def kept(self) -> list[int]:
+        excluded = self.excluded
+        return [i for i in range(len(self.files)) if i not in excluded]
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def has_image_extension(name: str) -> bool:
+    return Path(name).suffix in READ_EXTENSIONS
+
+
+def _class_files(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(files ImageFolderDataset reads, in its byte order; stray files; subfolders) of one class folder.
+    It reads every file with an image extension, hidden ones included, and nothing in subfolders."""
+    images, stray, subfolders = [], [], []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            subfolders.append(entry.name)
+        elif has_image_extension(entry.name):
+            images.append(entry.name)
+        else:
+            stray.append(entry.name)
+    return sorted(images, key=os.fsencode), stray, subfolders
 
 
 def scan_split(root: Path, split: str) -> Split:
-    """Class folders (sorted, hidden ones ignored) and the number of images under root/split."""
+    """Lists root/split as ImageFolderDataset will read it; hidden class folders are not classes."""
     path = root / split
     if not root.is_dir():
         raise ConfigError(f"data.root {root} does not exist; point data.root at a folder holding train/ and val/ "
                           "(vit-dist demo-data OUT writes one)")
     if not path.is_dir():
         raise ConfigError(f"data.root {root} has no {split}/ folder; put one folder per class under {path}")
-    classes = tuple(sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    num_images = sum(1 for c in classes for f in (path / c).iterdir() if is_image(f))
-    if not classes or num_images == 0:
+    entries = sorted(path.iterdir(), key=lambda p: os.fsencode(p.name))
+    classes = tuple(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
+    files, hidden, ignored = [], [], {"stray": [], "subfolders": [], "empty": []}
+    ignored["stray"] = [p.name for p in entries if not p.is_dir() or p.name.startswith(".")]
+    for name in classes:
+        images, stray, subfolders = _class_files(path / name)
+        hidden += [len(files) + i for i, image in enumerate(images) if image.startswith(".")]
+        files += [f"{name}/{image}" for image in images]
+        ignored["stray"] += [f"{name}/{f}" for f in stray]
+        ignored["subfolders"] += [f"{name}/{d}" for d in subfolders]
+        if len(images) == sum(image.startswith(".") for image in images):
+            ignored["empty"].append(name)
+    if len(files) == len(hidden):
         raise ConfigError(f"{path} holds no images in class folders; expected {path}/<class>/<image>.jpg|png")
-    return Split(path, classes, num_images)
+    notes = _scan_notes(path, [files[i] for i in hidden], ignored)
+    return Split(path, classes, tuple(files), tuple(hidden), notes=notes)
+
+
+def _scan_notes(path: Path, hidden: list[str], ignored: dict[str, list[str]]) -> tuple[str, ...]:
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    notes = []
+    if hidden:
+        notes.append(f"{path}: skipping {len(hidden)} hidden file(s) ({some(hidden)})")
+    if ignored["stray"]:
+        notes.append(f"{path}: ignoring {len(ignored['stray'])} non-image or hidden entries ({some(ignored['stray'])})")
+    if ignored["subfolders"]:
+        notes.append(f"{path}: ignoring {len(ignored['subfolders'])} folder(s) inside class folders; images must sit "
+                     f"directly in a class folder ({some(ignored['subfolders'])})")
+    if ignored["empty"]:
+        notes.append(f"{path}: class folder(s) with no images: {some(ignored['empty'])}; they stay classes "
+                     "(so class indices match the folder list) with no samples")
+    return tuple(notes)
 
 
 def class_indexing(train: Split, val: Split) -> dict[str, int]:
@@ -98,9 +162,12 @@ def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: in
     import mindspore.dataset as ds
     import mindspore.dataset.transforms as transforms_
 
-    extensions = sorted({e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())})
-    dataset = ds.ImageFolderDataset(str(split.path), shuffle=shuffle, num_shards=world_size, shard_id=rank,
-                                    class_indexing=classes, extensions=extensions, decode=False)
+    # The shard is drawn from the kept files only; a shuffled one reshuffles every epoch from the seed.
+    sampler = ds.DistributedSampler(num_shards=world_size, shard_id=rank, shuffle=shuffle)
+    if split.excluded:
+        sampler.add_child(ds.SubsetSampler(split.kept()))
+    dataset = ds.ImageFolderDataset(str(split.path), sampler=sampler, class_indexing=classes,
+                                    extensions=list(READ_EXTENSIONS), decode=False)
     dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=num_workers)
     return dataset.map(transforms_.TypeCast(ms.int32), input_columns="label")
 
@@ -128,3 +195,53 @@ def scan_dataset(cfg: DataConfig) -> tuple[Split, Split, dict[str, int]]:
     root = Path(cfg.root)
     train, val = scan_split(root, "train"), scan_split(root, "val")
     return train, val, class_indexing(train, val)
+
+
+@dataclass(frozen=True)
+class DataScan:
+    """Both splits with their bad images found; fresh: found now rather than read from the run's record."""
+    train: Split
+    val: Split
+    classes: dict[str, int]
+    digest: str  # of the file listing the bad-image lists belong to
+    fresh: bool
+
+    def bad_files(self) -> list[str]:
+        return [f"{split.path}/{split.files[i]}: {reason}" for split in (self.train, self.val)
+                for i, reason in split.bad]
+
+    def report(self) -> list[str]:
+        """What the scan ignored or will skip, in a few lines."""
+        bad = self.bad_files()
+        lines = list(self.train.notes + self.val.notes)
+        if bad:
+            lines.append(f"skipping {len(bad)} image file(s) the decoder would fail on ({bad[0]}"
+                         f"{', ...' if len(bad) > 1 else ''}); vit-dist check-data {self.train.path.parent} lists them")
+        return lines
+
+    def record(self) -> dict:
+        """What the run directory keeps, so that the workers of a job need not read every header again."""
+        return {"digest": self.digest,
+                "bad": {"train": [list(b) for b in self.train.bad], "val": [list(b) for b in self.val.bad]}}
+
+
+def check_images(split: Split) -> Split:
+    """The split with every file the decoder would fail on marked bad, with the reason."""
+    from vit_dist.image_check import find_problems
+
+    candidates = [i for i in range(len(split.files)) if i not in split.hidden]
+    problems = find_problems([split.path / split.files[i] for i in candidates])
+    return dataclasses.replace(split, bad=tuple((candidates[j], reason) for j, reason in sorted(problems.items())))
+
+
+def scan_and_check(cfg: DataConfig, record: dict | None = None) -> DataScan:
+    """scan_dataset, then the bad-image check; a record (DataScan.record) of the same file listing
+    stands in for the check."""
+    train, val, classes = scan_dataset(cfg)
+    listing = (str(Path(cfg.root).resolve()),) + train.files + ("",) + val.files
+    digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    if record and record.get("digest") == digest:
+        bad = {split: tuple((int(i), str(reason)) for i, reason in record["bad"][split]) for split in ("train", "val")}
+        return DataScan(dataclasses.replace(train, bad=bad["train"]), dataclasses.replace(val, bad=bad["val"]),
+                        classes, digest, fresh=False)
+    return DataScan(check_images(train), check_images(val), classes, digest, fresh=True)

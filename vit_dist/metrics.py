@@ -11,6 +11,8 @@ from pathlib import Path
 
 from vit_dist.config import Config, dump_yaml
 
+DATA_CHECK_FILE = "data_check.json"
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):  # no timed step yet in the interval
@@ -52,6 +54,10 @@ class RunRecord:
         with open(self.run_dir / "metrics.jsonl", "a") as out:
             out.write(json.dumps(_finite(record)) + "\n")
 
+    def write_data_check(self, record: dict) -> None:
+        if self.is_main:
+            _write_atomically(self.run_dir / DATA_CHECK_FILE, json.dumps(record))
+
     def write_eval(self, result: dict) -> None:
         if self.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps(result) + "\n")
@@ -64,3 +70,18 @@ class RunRecord:
 def _finite(record: dict) -> dict:
     # JSON has no NaN/inf: a diverged loss is written as null rather than breaking readers.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # Other ranks may read the file while rank 0 writes it.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_data_check(run_dir: Path) -> dict | None:
+    """The run's data-scan record, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((run_dir / DATA_CHECK_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vit_dist import checkpoint, data
-from vit_dist.config import Config
+from vit_dist.checkpoint import Progress
+from vit_dist.config import Config, config_digest
 from vit_dist.evaluate import evaluate
 from vit_dist.metrics import RunRecord, format_eval_line, format_train_line
 from vit_dist.models import build_model
@@ -86,13 +87,14 @@ class Interval:
         return cls(time.perf_counter(), [], [])
 
 
-def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
-    """Trains, checkpoints and evaluates; returns the final evaluation and the last checkpoint."""
+def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan) -> dict:
+    """Trains, checkpoints and evaluates; returns the final evaluation, the last checkpoint and the
+    best one by val top-1."""
     import mindspore as ms
 
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
-    train_split, val_split, classes = data.scan_dataset(cfg.data)
+    train_split, val_split, classes = scan.train, scan.val, scan.classes
     steps_per_epoch = data.steps_per_epoch(train_split.num_images, placement.world_size, cfg.train.batch_size)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -111,21 +113,31 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
     eval_data = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size,
                                   cfg.train.eval_batch)
     global_batch = cfg.train.batch_size * placement.world_size
+    progress = _resume(cfg, run_dir, record, net, optimizer, scaler, config_digest(cfg))
+    left_out = len(train_split.bad) + len(val_split.bad)
     record.say(f"training {total_steps} steps ({steps_per_epoch} per epoch, global batch {global_batch}) "
-               f"on {placement.world_size} rank(s); run directory {run_dir}")
+               f"on {placement.world_size} rank(s); run directory {run_dir}"
+               + (f"; {left_out} bad image file(s) left out" if left_out else ""))
+    best = checkpoint.best_checkpoint(run_dir) if placement.is_main else None
 
     def run_eval(epoch: int) -> dict:
-        result = evaluate(net, eval_data, cfg.train.eval_batch, placement,
-                          val_split.num_images)
+        """Evaluates; rank 0 keeps the checkpoint just saved as the best when its top-1 is."""
+        nonlocal best
+        result = evaluate(net, eval_data, cfg.train.eval_batch, placement, val_split.num_images)
         record.log({"step": step, "epoch": epoch, **result}, format_eval_line({"epoch": epoch, **result}))
+        if saved is not None and (best is None or result["top1"] > best[1]):
+            best = checkpoint.keep_best(run_dir, saved, result["top1"]), result["top1"]
         return result
 
-    step = _resume(cfg, run_dir, record, net, optimizer, scaler)
+    def save() -> Path:
+        return checkpoint.save(run_dir, net, optimizer, scaler, Progress(step, epoch, skipped),
+                               cfg.checkpoint.keep_last, config_digest(cfg))
+
+    step, skipped, saved, first_step = progress.step, progress.skipped_steps, None, progress.step
     # The pipeline skips the batches already consumed and keeps each epoch's shuffle order.
     dataset.set_init_step(step)
     # A multi-epoch iterator: each `for` over it yields (the rest of) one epoch, reshuffled.
     batches = dataset.create_tuple_iterator(num_epochs=cfg.train.epochs)
-    skipped, saved, first_step = 0, None, step
     first_epoch = step // steps_per_epoch + 1
     epoch = min(first_epoch, cfg.train.epochs)  # reported when a resumed run has nothing left to train
     interval = Interval.start()
@@ -147,12 +159,12 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
                                          learning_rates[step - 1], global_batch, scaler, skipped)
                 interval = Interval.start()
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and placement.is_main:
-                saved = checkpoint.save(run_dir, net, optimizer, scaler, step, epoch, cfg.checkpoint.keep_last)
+                saved = save()
             if step == total_steps:
                 break
             fetched = time.perf_counter()
         if placement.is_main and (saved is None or saved != checkpoint.checkpoint_path(run_dir, step)):
-            saved = checkpoint.save(run_dir, net, optimizer, scaler, step, epoch, cfg.checkpoint.keep_last)
+            saved = save()
         if step == total_steps:
             break
         if cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0:
@@ -160,19 +172,24 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
             interval = Interval.start()
     result = run_eval(epoch)
     record.write_eval(result)
-    return {**result, "checkpoint": str(saved) if saved else None}
+    return {**result, "checkpoint": str(saved) if saved else None,
+            "best_checkpoint": str(best[0]) if best else None}
 
 
-def _resume(cfg: Config, run_dir: Path, record: RunRecord, net, optimizer, scaler) -> int:
-    """Restores model, optimizer and loss scaler from train.resume; returns the step to continue from."""
+def _resume(cfg: Config, run_dir: Path, record: RunRecord, net, optimizer, scaler, digest: str) -> Progress:
+    """Restores model, optimizer and loss scaler from train.resume; returns where training stood."""
     path = checkpoint.resume_path(cfg.train.resume, run_dir)
     if path is None:
         if cfg.train.resume == "auto":
             record.say(f"no verified checkpoint in {checkpoint.checkpoint_dir(run_dir)}: starting from scratch")
-        return 0
-    step, epoch = checkpoint.restore(path, net, optimizer, scaler)
-    record.say(f"resumed from {path}: step {step}, epoch {epoch}")
-    return step
+        return Progress(0, 0)
+    progress = checkpoint.restore(path, net, optimizer, scaler)
+    record.say(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
+    written_under = checkpoint.read_manifest(path).get("config")
+    if written_under not in (None, digest):
+        record.say(f"warning: {path} was written under another config (digest {written_under}, now {digest}); "
+                    "the run continues with the current one")
+    return progress
 
 
 def _log_interval(record: RunRecord, interval: Interval, placement: Placement, step: int, epoch: int,
