@@ -135,6 +135,24 @@ def cmd_preflight(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from vit_dist.parallel.planner import format_plan, plan
+
+    cfg = load_config(args.config, args.set)
+    if args.world < 1 or args.device_memory_gb <= 0:
+        raise ConfigError("--world must be at least 1 and --device-memory-gb above 0")
+    result = plan(cfg, args.world, args.mp, args.device_memory_gb)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_merge_checkpoint(args) -> int:
+    from vit_dist.parallel.checkpoint_merge import merge
+
+    print(merge(Path(args.run_dir), Path(args.strategy) if args.strategy else None))
+    return 0
+
+
 def cmd_demo_data(args) -> int:
     from vit_dist.demo_data import write_demo_data
 
@@ -168,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
     p.set_defaults(func=cmd_preflight)
+    p = with_config("plan", "memory and communication per device of data/semi-auto layouts, and an mp")
+    p.add_argument("--world", type=int, required=True, help="devices in the job")
+    p.add_argument("--mp", type=int, help="model-parallel degree to detail (default: the recommended one)")
+    p.add_argument("--device-memory-gb", type=float, default=64.0, help="memory budget per device, GiB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("merge-checkpoint", help="merge a semi_auto run's per-rank slices into one checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--strategy", help="strategy file (default: RUN_DIR/strategy/rank_0.ckpt)")
+    p.set_defaults(func=cmd_merge_checkpoint)
     p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
     p.add_argument("out")
     p.add_argument("--image-size", type=int, default=32)
