@@ -217,7 +217,8 @@ def _strategy_and_slices(run_dir, net, mp):
                 value = np.split(value, mp, axis=axes.index(0))[rank]
             sliced.append({"name": name, "data": ms.Tensor(value)})
         path = folder / "step_00000004.safetensors"
-        ms.save_checkpoint(sliced, str(path), format="safetensors")
+        # As checkpoint.save writes them: the step and epoch ride along, outside the strategy map.
+        ms.save_checkpoint(sliced, str(path), append_dict={"step": 4, "epoch": 1}, format="safetensors")
         (folder / "step_00000004.json").write_text(json.dumps({"step": 4, "epoch": 1, "sha256": _sha256(path)}))
     return full
 
@@ -234,7 +235,8 @@ def test_merge_checkpoint_rebuilds_the_full_parameters_and_eval_loads_them(tmp_p
     merged = tmp_path / "checkpoints" / "merged_step_00000004.safetensors"
     assert out.stdout.strip() == str(merged)
     params = load_file(str(merged))
-    assert params.keys() == full.keys() and all(np.array_equal(params[k], full[k]) for k in full)
+    assert params.keys() == full.keys() | {"step", "epoch"} and int(params["step"]) == 4
+    assert all(np.array_equal(params[k], full[k]) for k in full)
     _, fresh = tiny_net()
     load_weights(fresh, merged)  # what single-device `vit-dist eval --ckpt` does
     assert np.array_equal(fresh.blocks[0].attn.query.weight.asnumpy(), full["blocks.0.attn.query.weight"])

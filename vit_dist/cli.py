@@ -42,16 +42,20 @@ def preflight(cfg: Config, world_size: int) -> Path:
     """Every check that needs no MindSpore: data folders, batch vs shard, the run directory."""
     from vit_dist import data
 
+    from vit_dist.parallel.layout import RankLayout
+
     train_split, _, classes = data.scan_dataset(cfg.data)
-    data.steps_per_epoch(train_split.num_images, world_size, cfg.train.batch_size)
+    layout = RankLayout.of(cfg, 0, world_size)
+    data.steps_per_epoch(train_split.num_images, layout.dp, layout.rank_batch)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
         raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(classes)} class "
                           f"folders in {train_split.path}; set model.num_classes to null or >= {len(classes)}")
     return resolve_run_dir(cfg)
 
 
-def _start(cfg: Config):
-    """Checks the inputs, then brings up the backend; returns (placement, run directory)."""
+def _start(cfg: Config, data_parallel: bool = True):
+    """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
+    job lays itself out, as semi_auto training does); returns (placement, run directory)."""
     placement = runtime.detect_placement(os.environ)
     if placement.distributed:  # a launcher that learns only the pid of a dead worker finds its rank here
         print(f"worker rank {placement.rank} of {placement.world_size}, pid {os.getpid()}", file=sys.stderr,
@@ -59,17 +63,21 @@ def _start(cfg: Config):
     run_dir = preflight(cfg, placement.world_size)
     if placement.is_main:
         prepare_run_dir(run_dir)
-    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement)
+    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                     data_parallel)
     return placement, run_dir.resolve()
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir = _start(cfg)
+    placement, run_dir = _start(cfg, cfg.parallel.mode == "data")
     from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
 
     result = train(cfg, placement, run_dir)
-    if placement.is_main:
+    if placement.is_main and "top1" not in result:  # semi_auto: evaluate the merged checkpoint with vit-dist eval
+        print(f"merged checkpoint {result['checkpoint']}")
+        print(json.dumps(result), flush=True)
+    elif placement.is_main:
         print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
               f"on {result['images']} images; checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)

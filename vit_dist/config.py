@@ -317,6 +317,9 @@ def _validate_parallel(cfg: Config) -> None:
             raise ConfigError("parallel.model_parallel, parallel.optimizer_shard and parallel.head=model need "
                               "parallel.mode=semi_auto; in data mode leave them at 1, false and data")
         return
+    if cfg.train.resume is not None:
+        raise ConfigError("train.resume is not built for parallel.mode=semi_auto (its slices load only into a "
+                          "compiled parallel graph); start without train.resume")
     if p.device_target not in SEMI_AUTO_TARGETS:
         raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend or GPU: MindSpore 2.10 "
                           f"refuses semi-auto-parallel on {p.device_target}; use parallel.mode=data there")
@@ -328,6 +331,11 @@ def _validate_parallel(cfg: Config) -> None:
     if p.head == "model" and m.num_classes is not None and m.num_classes % p.model_parallel:
         raise ConfigError(f"parallel.head=model splits model.num_classes {m.num_classes} over parallel.model_parallel "
                           f"{p.model_parallel}, which does not divide it; use parallel.head=data")
+
+
+def rank_batch(cfg: Config) -> int:
+    """Images a data-parallel replica takes per optimizer step: grad_accumulation micro-batches."""
+    return cfg.train.batch_size * cfg.parallel.grad_accumulation
 
 
 def parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit_dist.config import Config, ConfigError, DataConfig
+from vit_dist.config import Config, ConfigError, DataConfig, rank_batch
 
 # What MindSpore's native decoder reads; other files in a class folder are not images to it.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -106,14 +106,15 @@ def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: in
 
 
 def train_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int):
-    """This rank's shard, reshuffled every epoch from train.seed, in batches of train.batch_size."""
+    """This rank's shard, reshuffled every epoch from train.seed, in batches of train.batch_size x
+    parallel.grad_accumulation (the train step splits them into micro-batches)."""
     import mindspore.dataset as ds
 
     # Every rank draws the same permutation, so the shards stay disjoint.
     ds.config.set_seed(cfg.train.seed)
     dataset = _image_folder(split, classes, cfg.data.shuffle, rank, world_size, train_transforms(cfg.data),
                             cfg.data.num_workers)
-    return dataset.batch(cfg.train.batch_size, drop_remainder=True)
+    return dataset.batch(rank_batch(cfg), drop_remainder=True)
 
 
 def eval_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int, batch_size: int):

@@ -22,10 +22,6 @@ def strategy_file(run_dir: Path, rank: int) -> Path:
     return run_dir / "strategy" / f"rank_{rank}.ckpt"
 
 
-def rank_checkpoint_dir(run_dir: Path, rank: int) -> Path:
-    return checkpoint_dir(run_dir) / f"rank_{rank}"
-
-
 def newest_rank_checkpoints(run_dir: Path) -> dict[int, Path]:
     """rank -> its newest verified slice; every rank 0..N-1 present, all at the same step."""
     ckpts = checkpoint_dir(run_dir)
@@ -39,9 +35,9 @@ def newest_rank_checkpoints(run_dir: Path) -> dict[int, Path]:
                               "into it (each node saves its own ranks)")
     newest = {}
     for rank in ranks:
-        files = [f for f in sorted(rank_checkpoint_dir(run_dir, rank).glob(f"step_*{SUFFIX}")) if verified(f)]
+        files = [f for f in sorted(checkpoint_dir(run_dir, rank).glob(f"step_*{SUFFIX}")) if verified(f)]
         if not files:
-            raise CheckpointError(f"{rank_checkpoint_dir(run_dir, rank)} holds no verified checkpoint (step_N{SUFFIX} "
+            raise CheckpointError(f"{checkpoint_dir(run_dir, rank)} holds no verified checkpoint (step_N{SUFFIX} "
                                   "with its manifest); copy that rank's folder from its node, or merge an older step")
         newest[rank] = files[-1]
     steps = {f.name for f in newest.values()}

@@ -102,6 +102,12 @@ def apply_strategies(net, dp: int, mp: int, head: str = "data"):
     return net
 
 
+def reduced_by_mindspore(grads):
+    """The train step's gradient reduction under semi_auto: none, MindSpore's parallel compiler inserts
+    the all-reduce over the data-parallel ranks (averaged: enable_gradients_mean)."""
+    return grads
+
+
 def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Path):
     """Wraps the jitted train step in AutoParallel (MindSpore 2.10's documented entry for functional
     training: the outermost function must be wrapped). The input batch is split over dp, the ranks of
@@ -114,6 +120,8 @@ def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Path):
     parallel.dataset_strategy(((dp, 1, 1, 1), (dp,)))
     parallel.enable_gradients_mean()
     parallel.save_param_strategy_file(str(strategy_path))
+    # The checkpoints hold optimizer moments too: their layouts go into the map, for the merge.
+    parallel.disable_strategy_file_only_for_trainable_params()
     if cfg.optimizer_shard:
         parallel.hsdp()
     return parallel
