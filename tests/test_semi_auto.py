@@ -181,6 +181,8 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
     out = run([PYTHON, "-m", "vit_dist", "plan", str(ROOT / "configs" / "vit_b16_imagenet.yaml"), "--world", "64",
                "--device-memory-gb", "24", "--json", "--set", *overrides], timeout=60)
     assert out.returncode == 0 and json.loads(out.stdout) == json.loads(json.dumps(result))
+    with pytest.raises(ConfigError, match=r"--mp 3 does not divide world 64, num_heads 16"):
+        planner.plan(cfg, 64, 3, 24.0)
 
 
 def _strategy_and_slices(run_dir, net, mp):
