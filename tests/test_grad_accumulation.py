@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import worst_relative_difference
-from vit_dist.config import load_config
+from vit_dist.config import ConfigError, load_config
 
 TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=1",
         "model.num_heads=2", "model.drop_path_rate=0", "train.grad_clip_norm=0", "train.label_smoothing=0.1"]
@@ -47,3 +47,23 @@ def test_two_micro_batches_make_the_update_of_one_double_batch():
     assert any(k.startswith("exp_avg") for k in whole["state"])
     worst = worst_relative_difference(micro["state"], whole["state"])
     assert worst[0] < 1e-5, worst
+
+
+def test_each_step_reads_k_micro_batches_per_replica(tiny_data):
+    """48 images, 2 ranks x mp 1, batch 4 x k 3: 12 images per rank and step, 2 steps per epoch; a
+    shard smaller than batch x k is one line before anything compiles."""
+    from vit_dist import data
+    from vit_dist.parallel.layout import RankLayout
+
+    cfg = load_config(None, TINY + [f"data.root={tiny_data}", "train.batch_size=4", "parallel.grad_accumulation=3",
+                                    "data.num_workers=1"])
+    layout = RankLayout.of(cfg, 1, 2)
+    assert (layout.dp, layout.replica, layout.rank_batch, layout.global_batch) == (2, 1, 12, 24)
+    train_split, _, classes = data.scan_dataset(cfg.data)
+    assert data.steps_per_epoch(train_split.num_images, layout.dp, 4, 3) == 2
+    dataset = data.train_dataset(cfg, train_split, classes, layout.replica, layout.dp)
+    assert [images.shape[0] for images, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)] == [12, 12]
+    with pytest.raises(ConfigError, match=r"^train\.batch_size 4 x parallel\.grad_accumulation 3 is larger than each "
+                                          r"rank's shard of 6 images \(48 images over 8 data-parallel ranks\); lower "
+                                          r"train\.batch_size or parallel\.grad_accumulation$"):
+        data.steps_per_epoch(train_split.num_images, 8, 4, 3)

@@ -113,18 +113,3 @@ def test_unwritable_output_dir_is_one_line_under_msrun(tiny_data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: cannot write to train.output_dir {tmp_path / 'file' / 'run'}")
     assert len(result.stderr.strip().splitlines()) == 1
-
-
-
-def test_two_ranks_accumulating_two_micro_batches_match_one_device_at_four_times_the_batch(dp_runs, tmp_path):
-    """2 msrun ranks x 2 micro-batches of 4 per update: the samples and the update of 1 device x
-    batch 16 (test_grad_accumulation checks the gradient scale with clipping off)."""
-    run = tmp_path / "accumulated"
-    ok(msrun("-n", "2", str(dp_runs["config"]), "--set", "train.batch_size=4", "parallel.grad_accumulation=2",
-             f"train.output_dir={run}"))
-    assert last_checkpoint(run).name == "step_00000006.safetensors"
-    worst = worst_relative_difference(load_params(last_checkpoint(run)), load_params(last_checkpoint(dp_runs["one"])))
-    assert worst[0] < 1e-5, worst
-    losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-              for d in (run, dp_runs["one"])]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

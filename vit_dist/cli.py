@@ -46,7 +46,7 @@ def preflight(cfg: Config, world_size: int) -> Path:
 
     train_split, _, classes = data.scan_dataset(cfg.data)
     layout = RankLayout.of(cfg, 0, world_size)
-    data.steps_per_epoch(train_split.num_images, layout.dp, layout.rank_batch)
+    data.steps_per_epoch(train_split.num_images, layout.dp, cfg.train.batch_size, cfg.parallel.grad_accumulation)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
         raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(classes)} class "
                           f"folders in {train_split.path}; set model.num_classes to null or >= {len(classes)}")

@@ -58,12 +58,16 @@ def shard_size(num_images: int, world_size: int) -> int:
     return math.ceil(num_images / world_size)
 
 
-def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
+def steps_per_epoch(num_images: int, world_size: int, batch_size: int, accumulation: int = 1) -> int:
+    """Optimizer steps per epoch; world_size counts data-parallel ranks, each step reads
+    accumulation micro-batches of batch_size."""
     per_rank = shard_size(num_images, world_size)
-    if batch_size > per_rank:
-        raise ConfigError(f"train.batch_size {batch_size} is larger than each rank's shard of {per_rank} images "
-                          f"({num_images} images over {world_size} ranks); lower train.batch_size")
-    return per_rank // batch_size
+    if batch_size * accumulation > per_rank:
+        micro = f" x parallel.grad_accumulation {accumulation}" if accumulation > 1 else ""
+        raise ConfigError(f"train.batch_size {batch_size}{micro} is larger than each rank's shard of {per_rank} images "
+                          f"({num_images} images over {world_size} data-parallel ranks); lower train.batch_size"
+                          f"{' or parallel.grad_accumulation' if micro else ''}")
+    return per_rank // (batch_size * accumulation)
 
 
 def _normalize_ops():

@@ -132,7 +132,8 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
     record.write_config(cfg)
     train_split, val_split, classes = data.scan_dataset(cfg.data)
     layout = RankLayout.of(cfg, placement.rank, placement.world_size)
-    steps_per_epoch = data.steps_per_epoch(train_split.num_images, layout.dp, layout.rank_batch)
+    steps_per_epoch = data.steps_per_epoch(train_split.num_images, layout.dp, cfg.train.batch_size,
+                                           cfg.parallel.grad_accumulation)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
