@@ -27,12 +27,14 @@ class Progress:
     skipped_steps: int = 0  # steps left out for non-finite gradients, since the start of the run
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+def checkpoint_dir(run_dir: Path, slice_rank: int | None = None) -> Path:
+    """checkpoints/, or checkpoints/rank_N/ for the slices rank N holds under semi_auto."""
+    folder = run_dir / "checkpoints"
+    return folder if slice_rank is None else folder / f"rank_{slice_rank}"
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step_{step:08d}{SUFFIX}"
+def checkpoint_path(run_dir: Path, step: int, slice_rank: int | None = None) -> Path:
+    return checkpoint_dir(run_dir, slice_rank) / f"step_{step:08d}{SUFFIX}"
 
 
 def training_state(net, optimizer, scaler) -> dict:
@@ -46,12 +48,14 @@ def training_state(net, optimizer, scaler) -> dict:
     return {**state, **scaler_state(scaler)}
 
 
-def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: int, config_digest: str) -> Path:
-    """Writes checkpoints/step_N.safetensors via a temporary file, fsync and rename, so a crash
-    leaves either the old set of files or the new one; then deletes all but the newest keep_last."""
+def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: int, config_digest: str,
+         slice_rank: int | None = None) -> Path:
+    """Writes checkpoints/step_N.safetensors (rank N's slices: checkpoints/rank_N/) via a temporary
+    file, fsync and rename, so a crash leaves either the old set of files or the new one; then deletes
+    all but the newest keep_last."""
     import mindspore as ms
 
-    path = checkpoint_path(run_dir, progress.step)
+    path = checkpoint_path(run_dir, progress.step, slice_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{SUFFIX}")
     state = [{"name": name, "data": param} for name, param in training_state(net, optimizer, scaler).items()]
@@ -68,7 +72,7 @@ def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: i
         raise CheckpointError(f"cannot write checkpoint {path} ({' '.join(str(err).split())[:200]}); free disk "
                               f"space or set train.output_dir elsewhere, then resume with train.resume=auto: "
                               f"the previous checkpoints are intact") from None
-    for old in sorted(checkpoint_dir(run_dir).glob(f"step_*{SUFFIX}"))[:-keep_last]:
+    for old in sorted(path.parent.glob(f"step_*{SUFFIX}"))[:-keep_last]:
         old.unlink()
         manifest_path(old).unlink(missing_ok=True)
     return path

@@ -45,6 +45,7 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     directory; with reuse_record, that record (for the same file listing) stands in for reading
     every image header again. Returns (run directory, data.DataScan)."""
     from vit_dist import data
+    from vit_dist.parallel.layout import RankLayout
 
     run_dir = resolve_run_dir(cfg)
     scan = data.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
@@ -55,7 +56,8 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     if is_main and scan.fresh:
         for line in scan.report():
             print(line, file=sys.stderr, flush=True)
-    data.steps_per_epoch(scan.train.num_images, world_size, cfg.train.batch_size)
+    layout = RankLayout.of(cfg, 0, world_size)
+    data.steps_per_epoch(scan.train.num_images, layout.dp, cfg.train.batch_size, cfg.parallel.grad_accumulation)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(scan.classes):
         raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(scan.classes)} class "
                           f"folders in {scan.train.path}; set model.num_classes to null or >= {len(scan.classes)}")
@@ -66,24 +68,29 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     return run_dir, scan
 
 
-def _start(cfg: Config):
-    """Checks the inputs, then brings up the backend; returns (placement, run directory, data scan)."""
+def _start(cfg: Config, data_parallel: bool = True):
+    """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
+    job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
     placement = runtime.detect_placement(os.environ)
     if placement.distributed:  # a launcher that learns only the pid of a dead worker finds its rank here
         print(f"worker rank {placement.rank} of {placement.world_size}, pid {os.getpid()}", file=sys.stderr,
               flush=True)
     run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True)
-    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement)
+    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                     data_parallel)
     return placement, run_dir.resolve(), scan
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir, scan = _start(cfg)
+    placement, run_dir, scan = _start(cfg, cfg.parallel.mode == "data")
     from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
 
     result = train(cfg, placement, run_dir, scan)
-    if placement.is_main:
+    if placement.is_main and "top1" not in result:  # semi_auto: evaluate the merged checkpoint with vit-dist eval
+        print(f"merged checkpoint {result['checkpoint']}")
+        print(json.dumps(result), flush=True)
+    elif placement.is_main:
         print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
               f"on {result['images']} images; checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)
@@ -162,6 +169,24 @@ def cmd_check_data(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_plan(args) -> int:
+    from vit_dist.parallel.planner import format_plan, plan
+
+    cfg = load_config(args.config, args.set)
+    if args.world < 1 or args.device_memory_gb <= 0:
+        raise ConfigError("--world must be at least 1 and --device-memory-gb above 0")
+    result = plan(cfg, args.world, args.mp, args.device_memory_gb)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_merge_checkpoint(args) -> int:
+    from vit_dist.parallel.checkpoint_merge import merge
+
+    print(merge(Path(args.run_dir), Path(args.strategy) if args.strategy else None))
+    return 0
+
+
 def cmd_demo_data(args) -> int:
     from vit_dist.demo_data import write_demo_data
 
@@ -199,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                                           "would fail on, with reasons; exit status 1 if there are any")
     p.add_argument("root", help="the data.root folder, holding train/ and val/")
     p.set_defaults(func=cmd_check_data)
+    p = with_config("plan", "memory and communication per device of data/semi-auto layouts, and an mp")
+    p.add_argument("--world", type=int, required=True, help="devices in the job")
+    p.add_argument("--mp", type=int, help="model-parallel degree to detail (default: the recommended one)")
+    p.add_argument("--device-memory-gb", type=float, default=64.0, help="memory budget per device, GiB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("merge-checkpoint", help="merge a semi_auto run's per-rank slices into one checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--strategy", help="strategy file (default: RUN_DIR/strategy/rank_0.ckpt)")
+    p.set_defaults(func=cmd_merge_checkpoint)
     p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
     p.add_argument("out")
     p.add_argument("--image-size", type=int, default=32)

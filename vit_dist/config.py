@@ -35,8 +35,12 @@ DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
 LOSS_SCALES = ("none", "fixed", "dynamic")
-PARALLEL_MODES = ("data",)
 BAD_IMAGE_ACTIONS = ("skip", "error")
+PARALLEL_MODES = ("data", "semi_auto")
+# semi_auto: the classifier replicated (data) or its classes split over the model-parallel ranks (model).
+HEAD_LAYOUTS = ("data", "model")
+# MindSpore 2.10 refuses semi_auto_parallel on the CPU backend ("Invalid communication backend").
+SEMI_AUTO_TARGETS = ("Ascend", "GPU")
 
 
 @dataclass
@@ -70,7 +74,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 300
-    batch_size: int = 64  # per device
+    batch_size: int = 64  # per device and micro-batch (semi_auto: per data-parallel replica)
     eval_batch_size: Optional[int] = None  # null: batch_size
     seed: int = 0
     output_dir: Optional[str] = None  # null: runs/<timestamp>
@@ -95,7 +99,11 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "data"
+    mode: str = "data"  # data | semi_auto (operator-level model parallel: Ascend/GPU only)
+    model_parallel: int = 1  # mp: ranks each layer is split over (semi_auto); data-parallel degree dp = world / mp
+    optimizer_shard: bool = False  # semi_auto: optimizer state and update sharded over the dp ranks
+    grad_accumulation: int = 1  # micro-batches of train.batch_size per update; global batch = batch_size * dp * this
+    head: str = "data"  # semi_auto: the classifier replicated (data) or its classes split over mp (model)
     device_target: str = "Ascend"
     threads_per_rank: int = 0  # CPU backend kernel threads; 0: cores / ranks on this node
 
@@ -252,6 +260,7 @@ def validate(cfg: Config) -> None:
     m, d, t, p, pr = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.precision
     _check_choice("parallel.device_target", p.device_target, DEVICE_TARGETS)
     _check_choice("parallel.mode", p.mode, PARALLEL_MODES)
+    _check_choice("parallel.head", p.head, HEAD_LAYOUTS)
     _check_choice("precision.amp_level", pr.amp_level, AMP_LEVELS)
     _check_choice("data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
     _check_choice("precision.dtype", pr.dtype, LOW_PRECISION_DTYPES)
@@ -297,8 +306,52 @@ def validate(cfg: Config) -> None:
             or not 0 < pr.min_loss_scale <= pr.loss_scale_value:
         raise ConfigError("precision: loss_scale_value must be > 0, loss_scale_factor > 1, loss_scale_window >= 1 "
                           "and min_loss_scale in (0, loss_scale_value]")
+    _validate_parallel(cfg)
     if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_n_steps < 0:
         raise ConfigError("checkpoint.keep_last must be >= 1 and checkpoint.every_n_steps >= 0")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """The layout checks that need no world size; parallel_degrees() does the rest."""
+    m, p = cfg.model, cfg.parallel
+    if p.model_parallel < 1 or p.grad_accumulation < 1:
+        raise ConfigError(f"parallel.model_parallel and parallel.grad_accumulation must be at least 1, "
+                          f"got {p.model_parallel} and {p.grad_accumulation}")
+    if p.mode == "data":
+        if p.model_parallel != 1 or p.optimizer_shard or p.head != "data":
+            raise ConfigError("parallel.model_parallel, parallel.optimizer_shard and parallel.head=model need "
+                              "parallel.mode=semi_auto; in data mode leave them at 1, false and data")
+        return
+    if cfg.train.resume is not None:
+        raise ConfigError("train.resume is not built for parallel.mode=semi_auto (its slices load only into a "
+                          "compiled parallel graph); start without train.resume")
+    if p.device_target not in SEMI_AUTO_TARGETS:
+        raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend or GPU: MindSpore 2.10 "
+                          f"refuses semi-auto-parallel on {p.device_target}; use parallel.mode=data there")
+    # embed_dim = num_heads * head_dim, so heads divisible by mp makes the hidden size divisible too.
+    for key, size in [("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim)]:
+        if size % p.model_parallel:
+            raise ConfigError(f"{key} {size} is not divisible by parallel.model_parallel {p.model_parallel}; "
+                              f"choose a model_parallel that divides {size}")
+    if p.head == "model" and m.num_classes is not None and m.num_classes % p.model_parallel:
+        raise ConfigError(f"parallel.head=model splits model.num_classes {m.num_classes} over parallel.model_parallel "
+                          f"{p.model_parallel}, which does not divide it; use parallel.head=data")
+
+
+def rank_batch(cfg: Config) -> int:
+    """Images a data-parallel replica takes per optimizer step: grad_accumulation micro-batches."""
+    return cfg.train.batch_size * cfg.parallel.grad_accumulation
+
+
+def parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(dp, mp) for a job of world_size ranks. train.batch_size is what each replica takes per micro-batch,
+    so the global batch, batch_size * dp * grad_accumulation, is a multiple of dp by construction. Ranks r and r+1 share a data-parallel replica: MindSpore's
+    device matrix (dp, mp) runs the last axis fastest, so rank = dp_index * mp + mp_index."""
+    mp = cfg.parallel.model_parallel
+    if world_size % mp:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.model_parallel {mp}; "
+                          f"launch a multiple of {mp} ranks or change model_parallel")
+    return world_size // mp, mp
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

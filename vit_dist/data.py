@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit_dist.config import Config, ConfigError, DataConfig
+from vit_dist.config import Config, ConfigError, DataConfig, rank_batch
 
 # What MindSpore's native decoder reads; other files in a class folder are not images to it.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -122,12 +122,16 @@ def shard_size(num_images: int, world_size: int) -> int:
     return math.ceil(num_images / world_size)
 
 
-def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
+def steps_per_epoch(num_images: int, world_size: int, batch_size: int, accumulation: int = 1) -> int:
+    """Optimizer steps per epoch; world_size counts data-parallel ranks, each step reads
+    accumulation micro-batches of batch_size."""
     per_rank = shard_size(num_images, world_size)
-    if batch_size > per_rank:
-        raise ConfigError(f"train.batch_size {batch_size} is larger than each rank's shard of {per_rank} images "
-                          f"({num_images} images over {world_size} ranks); lower train.batch_size")
-    return per_rank // batch_size
+    if batch_size * accumulation > per_rank:
+        micro = f" x parallel.grad_accumulation {accumulation}" if accumulation > 1 else ""
+        raise ConfigError(f"train.batch_size {batch_size}{micro} is larger than each rank's shard of {per_rank} images "
+                          f"({num_images} images over {world_size} data-parallel ranks); lower train.batch_size"
+                          f"{' or parallel.grad_accumulation' if micro else ''}")
+    return per_rank // (batch_size * accumulation)
 
 
 def _normalize_ops():
@@ -173,14 +177,15 @@ def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: in
 
 
 def train_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int):
-    """This rank's shard, reshuffled every epoch from train.seed, in batches of train.batch_size."""
+    """This rank's shard, reshuffled every epoch from train.seed, in batches of train.batch_size x
+    parallel.grad_accumulation (the train step splits them into micro-batches)."""
     import mindspore.dataset as ds
 
     # Every rank draws the same permutation, so the shards stay disjoint.
     ds.config.set_seed(cfg.train.seed)
     dataset = _image_folder(split, classes, cfg.data.shuffle, rank, world_size, train_transforms(cfg.data),
                             cfg.data.num_workers)
-    return dataset.batch(cfg.train.batch_size, drop_remainder=True)
+    return dataset.batch(rank_batch(cfg), drop_remainder=True)
 
 
 def eval_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int, batch_size: int):

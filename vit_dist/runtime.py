@@ -156,10 +156,11 @@ def cpu_threads(threads_per_rank: int, local_world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_world_size)
 
 
-def init_backend(device_target: str, threads_per_rank: int, placement: Placement) -> Placement:
+def init_backend(device_target: str, threads_per_rank: int, placement: Placement,
+                 data_parallel: bool = True) -> Placement:
     """Graph mode on the configured device; for a multi-rank job init() the collective backend
-    (HCCL/NCCL/MCCL by device) and the data-parallel context. Returns the placement with the rank
-    the backend assigned."""
+    (HCCL/NCCL/MCCL by device) and, if data_parallel, the data-parallel context (semi_auto's
+    AutoParallel wrapper sets its own). Returns the placement with the rank the backend assigned."""
     if placement.launcher == "mpirun" and placement.distributed:
         join_mpi_job(placement, os.environ)  # before mindspore is imported
     import mindspore as ms
@@ -175,6 +176,7 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
         return placement
     init()
     placement = replace(placement, rank=get_rank(), world_size=get_group_size())
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                 device_num=placement.world_size)
+    if data_parallel:
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                     device_num=placement.world_size)
     return placement

@@ -17,16 +17,19 @@ from vit_dist.metrics import RunRecord, format_eval_line, format_train_line
 from vit_dist.models import build_model
 from vit_dist.optim import build_optimizer, lr_schedule, set_learning_rate
 from vit_dist.parallel.data_parallel import all_reduce_sum, gradient_reducer
+from vit_dist.parallel.checkpoint_merge import merge, strategy_file
+from vit_dist.parallel.layout import RankLayout
 from vit_dist.precision import apply_mixed_precision, build_loss_scaler
 from vit_dist.runtime import Placement
 
 
 def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float,
-                    scaler=None, min_loss_scale: float = 1.0):
+                    scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1):
     """train_step(images, labels, lr) -> (loss, finite), one graph: loss -> gradients -> mean over
     ranks -> (unscale, overflow check) -> clip by global norm -> AdamW at the given learning rate.
     With a loss scaler, a step whose gradients are not finite leaves parameters and optimizer state
-    untouched; every rank sees the same reduced gradients, so every rank decides alike."""
+    untouched; every rank sees the same reduced gradients, so every rank decides alike. With
+    accumulation k the batch holds k micro-batches whose gradients are averaged before the update."""
     import mindspore as ms
     from mindspore import amp, nn, ops
 
@@ -43,10 +46,11 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
 
     if scaler is None:
         grad_fn = ms.value_and_grad(loss_of, None, optimizer.parameters)
+        loss_and_grads = accumulated(grad_fn, accumulation, replicas)
 
         @ms.jit
         def train_step(images, labels, lr):
-            loss, grads = grad_fn(images, labels)
+            loss, grads = loss_and_grads(images, labels)
             loss = ops.depend(loss, update(reduce_gradients(grads), lr))
             return loss, ops.ones((), ms.bool_)
 
@@ -58,9 +62,15 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
 
     scaled_grad_fn = ms.value_and_grad(scaled_loss, None, optimizer.parameters, has_aux=True)
 
+    def unscaled_loss_grad_fn(images, labels):
+        (_, loss), grads = scaled_grad_fn(images, labels)
+        return loss, grads
+
+    loss_and_grads = accumulated(unscaled_loss_grad_fn, accumulation, replicas)
+
     @ms.jit
     def scaled_train_step(images, labels, lr):
-        (_, loss), grads = scaled_grad_fn(images, labels)
+        loss, grads = loss_and_grads(images, labels)
         grads = scaler.unscale(reduce_gradients(grads))
         finite = amp.all_finite(grads)
         if finite:
@@ -70,6 +80,32 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         return loss, finite
 
     return scaled_train_step
+
+
+def accumulated(grad_fn, accumulation: int, replicas: int):
+    """(images, labels) -> (mean loss, mean gradients) over `accumulation` micro-batches, one after the
+    other: each micro-batch's input waits for the previous gradients, so only one micro-batch's
+    activations are alive at a time. The batch is `replicas` blocks (semi_auto's graph sees the global
+    batch, one block per data-parallel replica; 1 in data mode) of `accumulation` micro-batches each."""
+    from mindspore import ops
+
+    if accumulation == 1:
+        return grad_fn
+
+    def micro_batch(x, i):
+        blocks = x.reshape((replicas, accumulation, -1) + x.shape[1:])[:, i]
+        return blocks.reshape((-1,) + x.shape[1:])
+
+    def loss_and_grads(images, labels):
+        loss, grads = grad_fn(micro_batch(images, 0), micro_batch(labels, 0))
+        for i in range(1, accumulation):
+            after = ops.depend(micro_batch(images, i), grads)
+            micro_loss, micro_grads = grad_fn(after, micro_batch(labels, i))
+            loss = loss + micro_loss
+            grads = tuple(total + g for total, g in zip(grads, micro_grads))
+        return loss / accumulation, tuple(g / accumulation for g in grads)
+
+    return loss_and_grads
 
 
 @dataclass
@@ -89,30 +125,46 @@ class Interval:
 
 def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan) -> dict:
     """Trains, checkpoints and evaluates; returns the final evaluation, the last checkpoint and the
-    best one by val top-1."""
+    best one by val top-1. Under semi_auto every rank saves its slices, there is no evaluation, and
+    rank 0 merges the last slices into one checkpoint (vit-dist eval takes it)."""
     import mindspore as ms
 
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
     train_split, val_split, classes = scan.train, scan.val, scan.classes
-    steps_per_epoch = data.steps_per_epoch(train_split.num_images, placement.world_size, cfg.train.batch_size)
+    layout = RankLayout.of(cfg, placement.rank, placement.world_size)
+    steps_per_epoch = data.steps_per_epoch(train_split.num_images, layout.dp, cfg.train.batch_size,
+                                           cfg.parallel.grad_accumulation)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     ms.set_seed(cfg.train.seed)  # the same seed on every rank: identical initial parameters
-    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(classes)), cfg.precision)
+    net = build_model(cfg, cfg.model.num_classes or len(classes))
+    if layout.semi_auto:
+        from vit_dist.parallel import semi_auto
+
+        semi_auto.apply_strategies(net, layout.dp, layout.mp, cfg.parallel.head)
+    net = apply_mixed_precision(net, cfg.precision)
     net.set_train(True)
     learning_rates = lr_schedule(cfg.train, steps_per_epoch)
     optimizer = build_optimizer(net, cfg.train)
     scaler = build_loss_scaler(cfg.precision)
-    train_step = make_train_step(net, optimizer, gradient_reducer(optimizer.parameters, placement),
-                                 cfg.train.label_smoothing, cfg.train.grad_clip_norm, scaler,
-                                 cfg.precision.min_loss_scale)
-    dataset = data.train_dataset(cfg, train_split, classes, placement.rank, placement.world_size)
+    reduce_gradients = gradient_reducer(optimizer.parameters, placement)
+    if layout.semi_auto:  # its graph sees the global batch
+        reduce_gradients = semi_auto.reduced_by_mindspore
+    train_step = make_train_step(net, optimizer, reduce_gradients, cfg.train.label_smoothing,
+                                 cfg.train.grad_clip_norm, scaler, cfg.precision.min_loss_scale,
+                                 cfg.parallel.grad_accumulation, layout.dp if layout.semi_auto else 1)
+    if layout.semi_auto:
+        train_step = semi_auto.parallelize(train_step, cfg.parallel, layout.dp,
+                                           strategy_file(run_dir, placement.rank))
+    dataset = data.train_dataset(cfg, train_split, classes, layout.replica, layout.dp)
     eval_data = data.eval_dataset(cfg, val_split, classes, placement.rank, placement.world_size,
                                   cfg.train.eval_batch)
-    global_batch = cfg.train.batch_size * placement.world_size
+    global_batch = layout.global_batch
+    saves = placement.is_main or layout.semi_auto  # semi_auto: every rank holds slices of its own
+    slice_rank = placement.rank if layout.semi_auto else None
     progress = _resume(cfg, run_dir, record, net, optimizer, scaler, config_digest(cfg))
     left_out = len(train_split.bad) + len(val_split.bad)
     record.say(f"training {total_steps} steps ({steps_per_epoch} per epoch, global batch {global_batch}) "
@@ -131,7 +183,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
 
     def save() -> Path:
         return checkpoint.save(run_dir, net, optimizer, scaler, Progress(step, epoch, skipped),
-                               cfg.checkpoint.keep_last, config_digest(cfg))
+                               cfg.checkpoint.keep_last, config_digest(cfg), slice_rank)
 
     step, skipped, saved, first_step = progress.step, progress.skipped_steps, None, progress.step
     # The pipeline skips the batches already consumed and keeps each epoch's shuffle order.
@@ -158,18 +210,21 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
                 skipped += _log_interval(record, interval, placement, step, epoch, total_steps,
                                          learning_rates[step - 1], global_batch, scaler, skipped)
                 interval = Interval.start()
-            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and placement.is_main:
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and saves:
                 saved = save()
             if step == total_steps:
                 break
             fetched = time.perf_counter()
-        if placement.is_main and (saved is None or saved != checkpoint.checkpoint_path(run_dir, step)):
+        if saves and (saved is None or saved != checkpoint.checkpoint_path(run_dir, step, slice_rank)):
             saved = save()
         if step == total_steps:
             break
-        if cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0:
+        if cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0 and not layout.semi_auto:
             run_eval(epoch)
             interval = Interval.start()
+    if layout.semi_auto:
+        all_reduce_sum([1], placement)  # every rank has saved its slices
+        return {"checkpoint": str(merge(run_dir)) if placement.is_main else None}
     result = run_eval(epoch)
     record.write_eval(result)
     return {**result, "checkpoint": str(saved) if saved else None,

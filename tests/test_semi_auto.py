@@ -1,0 +1,265 @@
+"""Semi-auto-parallel: strategies on the real model's primitives, layout validation, the planner's
+figures against the real model, and the merge of per-rank slices with MindSpore's transform API.
+(Semi-auto training itself needs Ascend/GPU: MindSpore 2.10 refuses it on the CPU backend.)"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run, tiny_config, tool_env, PYTHON
+from vit_dist.checkpoint import CheckpointError, _sha256
+from vit_dist.config import ConfigError, load_config, parallel_degrees
+from vit_dist.parallel import planner
+
+TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=2",
+        "model.num_heads=4", "model.mlp_dim=64", "model.drop_path_rate=0", "model.num_classes=8"]
+
+
+def tiny_net(*overrides):
+    from vit_dist.models import build_model
+
+    cfg = load_config(None, TINY + list(overrides))
+    return cfg, build_model(cfg, cfg.model.num_classes)
+
+
+@pytest.mark.parametrize("dp, mp, head", [(8, 1, "data"), (4, 2, "model"), (2, 4, "data"), (1, 8, "model")])
+def test_strategies_attach_to_the_primitives(dp, mp, head):
+    from vit_dist.parallel.semi_auto import ShardableGELU, apply_strategies
+
+    _, net = tiny_net()
+    apply_strategies(net, dp, mp, head)
+    heads = (dp, mp, 1, 1)
+    for block in net.blocks:
+        attn, mlp = block.attn, block.mlp
+        for dense in (attn.query, attn.key, attn.value, mlp.fc1):  # column-parallel: weight (out, in) split on out
+            assert dense.matmul.in_strategy == ((dp, 1), (mp, 1)) and dense.bias_add.in_strategy == ((dp, mp), (mp,))
+        for dense in (attn.out, mlp.fc2):  # row-parallel: split on in, the contracted axis
+            assert dense.matmul.in_strategy == ((dp, mp), (1, mp)) and dense.bias_add.in_strategy == ((dp, 1), (1,))
+        assert attn.scores.in_strategy == attn.context.in_strategy == (heads, heads)
+        assert attn.softmax.softmax.in_strategy == (heads,)
+        assert isinstance(mlp.act, ShardableGELU) and mlp.act.erf.in_strategy == ((dp, mp),)
+        assert mlp.act.mul.in_strategy == ((dp, mp), (dp, mp))
+        assert block.norm1.layer_norm.in_strategy == block.norm2.layer_norm.in_strategy == ((dp, 1, 1), (1,), (1,))
+        # The contracted axis is split alike on both sides of every matmul (transpose_b: the weight's last axis).
+        for dense in (attn.query, attn.out, mlp.fc1, mlp.fc2):
+            x, w = dense.matmul.in_strategy
+            assert dense.matmul.transpose_b and x[1] == w[1]
+    assert net.patch_embed.proj.conv2d.in_strategy == ((dp, 1, 1, 1), (1, 1, 1, 1))
+    assert net.norm.layer_norm.in_strategy == ((dp, 1, 1), (1,), (1,))
+    assert net.head.matmul.in_strategy == (((dp, 1), (mp, 1)) if head == "model" else ((dp, 1), (1, 1)))
+
+
+def test_strategies_keep_the_model_and_its_numbers():
+    import mindspore as ms
+    from mindspore import nn
+
+    from vit_dist.parallel.semi_auto import ShardableGELU, apply_strategies
+
+    _, net = tiny_net()
+    net.set_train(False)
+    names = [p.name for p in net.get_parameters()]
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32))
+    before = net(x).asnumpy()
+    apply_strategies(net, 2, 4)
+    assert [p.name for p in net.get_parameters()] == names
+    np.testing.assert_allclose(net(x).asnumpy(), before, rtol=1e-5, atol=1e-6)
+    v = ms.Tensor(np.linspace(-8, 8, 2001, dtype=np.float32))
+    np.testing.assert_allclose(ShardableGELU()(v).asnumpy(), nn.GELU(approximate=False)(v).asnumpy(), atol=1e-6)
+
+
+SEMI = ["parallel.mode=semi_auto", "parallel.device_target=Ascend"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.mode=semi_auto", "parallel.device_target=CPU"],
+     r"parallel\.mode semi_auto needs parallel\.device_target Ascend or GPU: MindSpore 2\.10 refuses"),
+    (SEMI + ["parallel.model_parallel=4", "model.variant=s"],
+     r"model\.num_heads 6 is not divisible by parallel\.model_parallel 4"),
+    (SEMI + ["parallel.model_parallel=4", "model.mlp_dim=1001"],
+     r"model\.mlp_dim 1001 is not divisible by parallel\.model_parallel 4"),
+    (SEMI + ["parallel.model_parallel=4", "parallel.head=model", "model.num_classes=1001"],
+     r"parallel\.head=model splits model\.num_classes 1001"),
+    (["parallel.model_parallel=2"], r"need parallel\.mode=semi_auto"),
+    (["parallel.optimizer_shard=true"], r"need parallel\.mode=semi_auto"),
+    (["parallel.grad_accumulation=0"], r"parallel\.model_parallel and parallel\.grad_accumulation must be at least 1"),
+    (["parallel.mode=tensor"], r"parallel\.mode 'tensor' is not supported; use one of data, semi_auto"),
+])
+def test_layout_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_world_size_must_be_a_multiple_of_mp():
+    cfg = load_config(None, SEMI + ["parallel.model_parallel=4", "parallel.grad_accumulation=2"])
+    assert parallel_degrees(cfg, 16) == (4, 4)
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel\.model_parallel 4"):
+        parallel_degrees(cfg, 6)
+
+
+def test_semi_auto_on_cpu_fails_before_anything_compiles(tiny_data, tmp_path):
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, parallel={"mode": "semi_auto", "model_parallel": 2},
+                         train={"output_dir": str(tmp_path / "run")})
+    result = run([PYTHON, "-m", "vit_dist", "train", str(config)], timeout=120, env=tool_env())
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: parallel.mode semi_auto needs parallel.device_target Ascend or GPU")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.mlp_dim=96", "model.num_classes=5", "model.depth=1"]])
+def test_planner_parameters_match_the_real_model(overrides):
+    from vit_dist.models.vit import count_parameters
+
+    cfg, net = tiny_net(*overrides)
+    assert planner.count_parameters(planner.Dims.of(cfg)) == count_parameters(net)
+    # ViT-B/16, the reference count (test_model checks the real model gives it too).
+    assert planner.count_parameters(planner.Dims.of(load_config(ROOT / "configs" / "vit_b16_imagenet.yaml"))) \
+        == 86_567_656
+
+
+def test_planner_activations_match_the_tensors_the_model_produces():
+    """Forward hooks on the real model (PyNative) record what each block keeps; the planner's
+    per-kind element counts must equal them, and its bytes the measured dtypes' sizes (O1 cannot run
+    in PyNative)."""
+    import mindspore as ms
+
+    from vit_dist.precision import apply_mixed_precision
+
+    cfg, net = tiny_net()
+    batch = 3
+    x = ms.Tensor(np.random.default_rng(1).standard_normal((batch, 3, 16, 16)).astype(np.float32))
+    dims = planner.Dims.of(cfg)
+    for amp in ("O0", "O2", "O3"):
+        cfg.precision.amp_level = amp
+        _, fresh = tiny_net()
+        model = apply_mixed_precision(fresh, cfg.precision)
+        model.set_train(False)
+        measured = {"matmul": [0, 0], "norm_softmax": [0, 0], "gelu": [0, 0]}
+
+        def keep(kind, tensor):
+            measured[kind][0] += tensor.size
+            measured[kind][1] += tensor.size * tensor.itemsize
+
+        handles = []
+        for block in fresh.blocks:
+            a, m = block.attn, block.mlp
+            for cell, kind in [(block.norm1, "norm_softmax"), (block.norm2, "norm_softmax"), (a.softmax, "norm_softmax"),
+                               (a.query, "matmul"), (a.key, "matmul"), (a.value, "matmul"), (a.out, "matmul"),
+                               (m.fc1, "matmul"), (m.fc2, "matmul"), (m.act, "gelu")]:
+                handles.append(cell.register_forward_hook(lambda c, i, o, kind=kind: keep(kind, o)))
+            # The scores (softmax's input) and the context (out's input) come from BatchMatMul primitives.
+            handles.append(a.softmax.register_forward_pre_hook(lambda c, i: keep("matmul", i[0])))
+            handles.append(a.out.register_forward_pre_hook(lambda c, i: keep("matmul", i[0])))
+        model(x)
+        for handle in handles:
+            handle.remove()
+        expected = planner.activation_elements(dims)
+        assert {k: v[0] for k, v in measured.items()} == {k: n * batch * dims.depth for k, n in expected.items()}
+        assert sum(v[1] for v in measured.values()) == planner.activation_bytes(dims, batch, amp)
+
+
+def test_planner_flags_over_budget_and_recommends_an_mp():
+    # ViT-G-style widths (Zhai et al. 2022) at 224 px on 64 devices, 24 GiB each, O2, optimizer shard.
+    overrides = SEMI + ["model.embed_dim=1664", "model.depth=48", "model.num_heads=16", "model.mlp_dim=8192",
+                        "model.patch_size=14", "train.batch_size=32", "parallel.optimizer_shard=true",
+                        "precision.amp_level=O2", "parallel.model_parallel=8"]
+    cfg = load_config(ROOT / "configs" / "vit_b16_imagenet.yaml", overrides)
+    result = planner.plan(cfg, 64, None, 24.0)
+    by_mp = {e["mp"]: e for e in result["by_mp"]}
+    assert not by_mp[1]["fits"] and by_mp[2]["fits"] and result["recommended_mp"] == 2
+    # Data parallel sends the ring all-reduce of all fp32 gradients; model parallel adds 4 all-reduces of
+    # (micro-batch x tokens x dim) fp16 activations per block over mp, and syncs only its gradient shard.
+    params, tokens, gib = result["params"], 257, 1024 ** 3
+    assert by_mp[1]["comm_gb_per_step"] == pytest.approx(2 * 63 / 64 * params * 4 / gib)
+    e8 = by_mp[8]
+    layer_comm = 48 * 4 * 2 * 7 / 8 * 32 * tokens * 1664 * 2
+    assert e8["comm_gb_per_step"] == pytest.approx((2 * 7 / 8 * e8["params_per_device"] * 4 + layer_comm) / gib)
+    o2 = {(e["optimizer_shard"], e["grad_accumulation"]): e for e in result["layouts"] if e["amp_level"] == "O2"}
+    assert o2[(True, 1)]["optimizer_gb"] == pytest.approx(o2[(False, 1)]["optimizer_gb"] / o2[(True, 1)]["dp"])
+    assert o2[(False, 4)]["activation_gb"] == pytest.approx(o2[(False, 1)]["activation_gb"] / 4)
+    out = run([PYTHON, "-m", "vit_dist", "plan", str(ROOT / "configs" / "vit_b16_imagenet.yaml"), "--world", "64",
+               "--device-memory-gb", "24", "--json", "--set", *overrides], timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout) == json.loads(json.dumps(result))
+    with pytest.raises(ConfigError, match=r"--mp 3 does not divide world 64, num_heads 16"):
+        planner.plan(cfg, 64, 3, 24.0)
+
+
+def _strategy_and_slices(run_dir, net, mp):
+    """A strategy file and per-rank slices written by our own known layout (dp 1 x mp): column-parallel
+    weights split on out, row-parallel on in, the rest whole; the format MindSpore's parallel compile writes."""
+    import mindspore as ms
+    import mindspore.train.node_strategy_pb2 as pb
+
+    def tensor_map(name, ndim):  # MindSpore's tensor maps count device axes from the right: mp is 0
+        if any(f".{layer}." in name for layer in ("query", "key", "value", "fc1")):
+            return [0] + [-1] * (ndim - 1)
+        if name.endswith(("out.weight", "fc2.weight")):
+            return [-1, 0]
+        return [-1] * ndim
+
+    full = {p.name: p.asnumpy() for p in net.get_parameters()}
+    layouts = pb.ParallelStrategyMap(current_stage=0)
+    for name, value in full.items():
+        layout = layouts.parallel_layout_item.add(param_name=name).parallel_layouts
+        layout.dev_matrix.add().dim.extend([1, mp])
+        layout.tensor_map.add().dim.extend(tensor_map(name, value.ndim))
+        layout.param_split_shape.add()
+        layout.indices_offset.add()
+        layout.field, layout.opt_weight_shard_step, layout.opt_weight_shard_size = 0, 0, 0
+    (run_dir / "strategy").mkdir(parents=True)
+    (run_dir / "strategy" / "rank_0.ckpt").write_bytes(layouts.SerializeToString())
+    for rank in range(mp):
+        folder = run_dir / "checkpoints" / f"rank_{rank}"
+        folder.mkdir(parents=True)
+        sliced = []
+        for name, value in full.items():
+            axes = tensor_map(name, value.ndim)
+            if 0 in axes:
+                value = np.split(value, mp, axis=axes.index(0))[rank]
+            sliced.append({"name": name, "data": ms.Tensor(value)})
+        path = folder / "step_00000004.safetensors"
+        # As checkpoint.save writes them: the step and epoch ride along, outside the strategy map.
+        ms.save_checkpoint(sliced, str(path), append_dict={"step": 4, "epoch": 1}, format="safetensors")
+        (folder / "step_00000004.json").write_text(json.dumps({"step": 4, "epoch": 1, "sha256": _sha256(path)}))
+    return full
+
+
+def test_merge_checkpoint_rebuilds_the_full_parameters_and_eval_loads_them(tmp_path):
+    from safetensors.numpy import load_file
+
+    from vit_dist.checkpoint import load_weights
+
+    _, net = tiny_net()
+    full = _strategy_and_slices(tmp_path, net, 4)
+    out = run([PYTHON, "-m", "vit_dist", "merge-checkpoint", str(tmp_path)], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    merged = tmp_path / "checkpoints" / "merged_step_00000004.safetensors"
+    assert out.stdout.strip() == str(merged)
+    params = load_file(str(merged))
+    assert params.keys() == full.keys() | {"step", "epoch"} and int(params["step"]) == 4
+    assert all(np.array_equal(params[k], full[k]) for k in full)
+    _, fresh = tiny_net()
+    load_weights(fresh, merged)  # what single-device `vit-dist eval --ckpt` does
+    assert np.array_equal(fresh.blocks[0].attn.query.weight.asnumpy(), full["blocks.0.attn.query.weight"])
+    # A rank that stopped early: its newest slice is from another step. One line, exit status 2.
+    folder = tmp_path / "checkpoints" / "rank_2"
+    for suffix in (".safetensors", ".json"):
+        (folder / f"step_00000004{suffix}").rename(folder / f"step_00000002{suffix}")
+    out = run([PYTHON, "-m", "vit_dist", "merge-checkpoint", str(tmp_path)], timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+        "error: the ranks' newest slices are from different steps (step_00000002.safetensors, step_00000004")
+
+
+@pytest.mark.parametrize("layout, message", [
+    ([], "has no rank_N/ folders"),
+    (["rank_0", "rank_2"], r"lacks the slices of ranks \[1\]"),
+    (["rank_0"], r"rank_0 holds no verified checkpoint"),
+])
+def test_merge_checkpoint_errors(tmp_path, layout, message):
+    from vit_dist.parallel.checkpoint_merge import merge
+
+    for name in layout:
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=message):
+        merge(tmp_path)
