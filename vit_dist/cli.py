@@ -59,7 +59,8 @@ def _start(cfg: Config):
     run_dir = preflight(cfg, placement.world_size)
     if placement.is_main:
         prepare_run_dir(run_dir)
-    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement)
+    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                     cfg.train.compile_cache)
     return placement, run_dir.resolve()
 
 
@@ -121,6 +122,40 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.peak:
+        runtime.init_backend("CPU" if args.config is None else load_config(args.config, args.set).parallel.device_target,
+                             0, runtime.detect_placement(os.environ))
+        from vit_dist.bench import matmul_peak_gflops
+
+        peak = matmul_peak_gflops()
+        print(f"fp32 MatMul peak {peak:.1f} GFLOP/s (2048^3, median of 10)")
+        if args.json:
+            print(json.dumps({"peak_gflops": peak}), flush=True)
+        return 0
+    if args.config is None:
+        raise ConfigError("vit-dist bench needs a CONFIG (e.g. configs/bench/vit_32px.yaml), or --peak")
+    cfg = load_config(args.config, args.set)
+    placement = runtime.detect_placement(os.environ)
+    if args.data:
+        preflight(cfg, placement.world_size)  # the folder and the batch size, checked before MindSpore starts
+    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                     cfg.train.compile_cache)
+    from vit_dist import bench  # imports mindspore, which must come after init_backend (runtime.join_mpi_job)
+
+    if args.data:
+        result = bench.bench_data(cfg, placement, args.steps)
+        text = bench.format_data(result)
+    else:
+        result = bench.bench_train(cfg, placement, args.steps, args.warmup, args.peak_gflops)
+        text = bench.format_train(result)
+    if placement.is_main:
+        print(text)
+        if args.json:
+            print(json.dumps(result), flush=True)
+    return 0
+
+
 def cmd_preflight(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.nodes > 1 and cfg.train.output_dir is None:
@@ -161,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("info", "parameter count and forward FLOPs per image")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="training images/s, compile time, MFU on synthetic batches; "
+                                     "--data: the input pipeline alone; --peak: the fp32 MatMul peak")
+    p.add_argument("config", nargs="?", help="YAML config file (configs/bench/*.yaml)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.batch_size=32")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (with --data: timed batches)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) one")
+    p.add_argument("--peak", action="store_true", help="measure MindSpore's fp32 MatMul GFLOP/s only")
+    p.add_argument("--peak-gflops", type=float, help="MFU against this peak instead of measuring it")
+    p.add_argument("--data", action="store_true", help="time the input pipeline on data.root/train instead")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
+    p.set_defaults(func=cmd_bench)
     p = with_config("preflight", "check config and data for a job of --world ranks; "
                                  "print the run directory and the device target")
     p.add_argument("--world", type=int, required=True)

@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch (which always happens)
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
     resume: Optional[str] = None  # null | auto (newest verified checkpoint in output_dir) | a checkpoint path
+    compile_cache: Optional[str] = None  # null | a directory: MindSpore's compiled graphs, reused by the next launch
 
     @property
     def eval_batch(self) -> int:
