@@ -1,5 +1,6 @@
 """`vit-dist bench`: training throughput of the real train step on synthetic batches, the fp32
-MatMul peak it is compared with, and the input pipeline alone on a real folder.
+MatMul peak it is compared with, and the input pipeline alone on a real folder. Synthetic training
+needs model.num_classes (cli checks it).
 
 Every rank runs the same steps; per-rank figures are reduced so rank 0 reports the job's.
 """
@@ -12,7 +13,7 @@ import time
 
 import numpy as np
 
-from vit_dist.config import Config, ConfigError
+from vit_dist.config import Config
 from vit_dist.models import vit_spec
 from vit_dist.models.vit import forward_flops
 from vit_dist.parallel.data_parallel import all_reduce_sum
@@ -51,14 +52,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
 def train_flops_per_image(cfg: Config) -> float:
     """Forward + backward FLOPs of one image: 3x the forward's matmul FLOPs (backward is two matmuls
     per forward matmul), the convention MFU figures use."""
-    return 3.0 * forward_flops(vit_spec(cfg, _num_classes(cfg)))
-
-
-def _num_classes(cfg: Config) -> int:
-    if cfg.model.num_classes is None:
-        raise ConfigError("vit-dist bench trains on synthetic batches and needs model.num_classes; "
-                          "set it in the config or with --set model.num_classes=N")
-    return cfg.model.num_classes
+    return 3.0 * forward_flops(vit_spec(cfg, cfg.model.num_classes))
 
 
 def synthetic_batches(cfg: Config, count: int = SYNTHETIC_BATCHES) -> list:
@@ -67,7 +61,7 @@ def synthetic_batches(cfg: Config, count: int = SYNTHETIC_BATCHES) -> list:
     rng = np.random.default_rng(cfg.train.seed)
     size, batch = cfg.data.image_size, cfg.train.batch_size
     return [(ms.Tensor(rng.standard_normal((batch, 3, size, size), np.float32)),
-             ms.Tensor(rng.integers(0, _num_classes(cfg), batch, np.int32))) for _ in range(count)]
+             ms.Tensor(rng.integers(0, cfg.model.num_classes, batch, np.int32))) for _ in range(count)]
 
 
 def time_steps(train_step, batches: list, lr, steps: int, warmup: int) -> dict:
@@ -145,7 +139,7 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     from vit_dist.train import make_train_step
 
     ms.set_seed(cfg.train.seed)
-    net = apply_mixed_precision(build_model(cfg, _num_classes(cfg)), cfg.precision)
+    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes), cfg.precision)
     net.set_train(True)
     optimizer = build_optimizer(net, cfg.train)
     train_step = make_train_step(net, optimizer, gradient_reducer(optimizer.parameters, placement),

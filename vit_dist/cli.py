@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vit_dist import runtime
 from vit_dist.checkpoint import CheckpointError
-from vit_dist.config import Config, ConfigError, load_config
+from vit_dist.config import Config, ConfigError, compile_cache_dir, load_config
 
 EXIT_USER_ERROR = 2
 
@@ -50,7 +50,7 @@ def preflight(cfg: Config, world_size: int) -> Path:
     return resolve_run_dir(cfg)
 
 
-def _start(cfg: Config):
+def _start(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend; returns (placement, run directory)."""
     placement = runtime.detect_placement(os.environ)
     if placement.distributed:  # a launcher that learns only the pid of a dead worker finds its rank here
@@ -60,13 +60,13 @@ def _start(cfg: Config):
     if placement.is_main:
         prepare_run_dir(run_dir)
     placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
-                                     cfg.train.compile_cache)
+                                     compile_cache_dir(cfg, job, placement.world_size))
     return placement, run_dir.resolve()
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir = _start(cfg)
+    placement, run_dir = _start(cfg, "train")
     from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
 
     result = train(cfg, placement, run_dir)
@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir = _start(cfg)
+    placement, run_dir = _start(cfg, "eval")
     # These import mindspore, which must come after _start (runtime.join_mpi_job).
     from vit_dist import checkpoint, data
     from vit_dist.evaluate import evaluate
@@ -123,27 +123,25 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.peak:
-        runtime.init_backend("CPU" if args.config is None else load_config(args.config, args.set).parallel.device_target,
-                             0, runtime.detect_placement(os.environ))
-        from vit_dist.bench import matmul_peak_gflops
-
-        peak = matmul_peak_gflops()
-        print(f"fp32 MatMul peak {peak:.1f} GFLOP/s (2048^3, median of 10)")
-        if args.json:
-            print(json.dumps({"peak_gflops": peak}), flush=True)
-        return 0
-    if args.config is None:
+    if args.config is None and not args.peak:
         raise ConfigError("vit-dist bench needs a CONFIG (e.g. configs/bench/vit_32px.yaml), or --peak")
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cfg = load_config(args.config, args.set)
     placement = runtime.detect_placement(os.environ)
     if args.data:
-        preflight(cfg, placement.world_size)  # the folder and the batch size, checked before MindSpore starts
+        preflight(cfg, placement.world_size)  # the folder and the batch size, before MindSpore starts
+    elif not args.peak and cfg.model.num_classes is None:
+        raise ConfigError("vit-dist bench trains on synthetic batches and needs model.num_classes; "
+                          "set it in the config or with --set model.num_classes=N")
     placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
-                                     cfg.train.compile_cache)
+                                     compile_cache_dir(cfg, "bench", placement.world_size))
     from vit_dist import bench  # imports mindspore, which must come after init_backend (runtime.join_mpi_job)
 
-    if args.data:
+    if args.peak:
+        result = {"peak_gflops": bench.matmul_peak_gflops()}
+        text = f"fp32 MatMul peak {result['peak_gflops']:.1f} GFLOP/s (2048^3, median of 10)"
+    elif args.data:
         result = bench.bench_data(cfg, placement, args.steps)
         text = bench.format_data(result)
     else:
@@ -161,7 +159,7 @@ def cmd_preflight(args) -> int:
     if args.nodes > 1 and cfg.train.output_dir is None:
         raise ConfigError(f"a job across {args.nodes} nodes needs train.output_dir: each node's launcher would "
                           "make a run directory of its own; set it to a directory every node shares")
-    run_dir = preflight(cfg, args.world)
+    run_dir = resolve_run_dir(cfg) if args.bench and not args.data else preflight(cfg, args.world)
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
     prepare_run_dir(run_dir)
@@ -176,6 +174,14 @@ def cmd_demo_data(args) -> int:
     counts = write_demo_data(args.out, args.image_size)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
     return 0
+
+
+def add_bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=20, help="bench: timed steps (with --data: timed batches)")
+    p.add_argument("--warmup", type=int, default=3, help="bench: untimed steps after the first (compiling) one")
+    p.add_argument("--peak-gflops", type=float, help="bench: MFU against this peak instead of measuring it")
+    p.add_argument("--data", action="store_true", help="bench: time the input pipeline on data.root/train")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,12 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (configs/bench/*.yaml)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.batch_size=32")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (with --data: timed batches)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) one")
     p.add_argument("--peak", action="store_true", help="measure MindSpore's fp32 MatMul GFLOP/s only")
-    p.add_argument("--peak-gflops", type=float, help="MFU against this peak instead of measuring it")
-    p.add_argument("--data", action="store_true", help="time the input pipeline on data.root/train instead")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
+    add_bench_options(p)
     p.set_defaults(func=cmd_bench)
     p = with_config("preflight", "check config and data for a job of --world ranks; "
                                  "print the run directory and the device target")
@@ -214,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1,
                    help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
+    p.add_argument("--bench", action="store_true",
+                   help="the job is `vit-dist bench`: the data is checked only with --data")
+    add_bench_options(p)
     p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
     p.add_argument("out")

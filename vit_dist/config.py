@@ -313,5 +313,25 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# Keys that name places, not the computation: they may differ between launches of the same graph.
+NOT_IN_GRAPH = ("output_dir", "resume", "compile_cache")
+
+
+def compile_cache_dir(cfg: Config, job: str, world_size: int) -> Optional[str]:
+    """train.compile_cache/<key>: a folder per computation. MindSpore's cache checks the source files
+    but not the values a Cell was built with, so a launch with another depth or batch size would load
+    the old graph; the key (config, job, world size, MindSpore version) keeps them apart."""
+    if cfg.train.compile_cache is None:
+        return None
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    values = to_dict(cfg)
+    values["train"] = {k: v for k, v in values["train"].items() if k not in NOT_IN_GRAPH}
+    identity = json.dumps([values, job, world_size, version("mindspore")], sort_keys=True)
+    return str(Path(cfg.train.compile_cache) / hashlib.sha256(identity.encode()).hexdigest()[:16])
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
