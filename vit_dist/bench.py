@@ -161,12 +161,14 @@ def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:
     dataset = data.train_dataset(cfg, split, classes, placement.rank, placement.world_size)
     epochs = -(-(batches + 1) // per_epoch)
     iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
+    # Each pass over a multi-epoch iterator yields one epoch (as in train.py's loop).
+    stream = (batch for _ in range(epochs) for batch in iterator)
     started = time.perf_counter()
-    next(iterator)
+    next(stream)
     startup = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(batches):
-        next(iterator)
+        next(stream)
     elapsed = time.perf_counter() - started
     per_rank = batches * cfg.train.batch_size / elapsed
     (total,) = all_reduce_sum([per_rank], placement)

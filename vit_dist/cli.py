@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vit_dist import runtime
 from vit_dist.checkpoint import CheckpointError
-from vit_dist.config import Config, ConfigError, compile_cache_dir, load_config
+from vit_dist.config import Config, ConfigError, check_compile_cache, compile_cache_dir, load_config
 
 EXIT_USER_ERROR = 2
 
@@ -42,6 +42,7 @@ def preflight(cfg: Config, world_size: int) -> Path:
     """Every check that needs no MindSpore: data folders, batch vs shard, the run directory."""
     from vit_dist import data
 
+    check_compile_cache(cfg, world_size)
     train_split, _, classes = data.scan_dataset(cfg.data)
     data.steps_per_epoch(train_split.num_images, world_size, cfg.train.batch_size)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
@@ -159,7 +160,11 @@ def cmd_preflight(args) -> int:
     if args.nodes > 1 and cfg.train.output_dir is None:
         raise ConfigError(f"a job across {args.nodes} nodes needs train.output_dir: each node's launcher would "
                           "make a run directory of its own; set it to a directory every node shares")
-    run_dir = resolve_run_dir(cfg) if args.bench and not args.data else preflight(cfg, args.world)
+    if args.bench and not args.data:  # synthetic batches: no data to check
+        check_compile_cache(cfg, args.world)
+        run_dir = resolve_run_dir(cfg)
+    else:
+        run_dir = preflight(cfg, args.world)
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
     prepare_run_dir(run_dir)
