@@ -128,7 +128,8 @@ def cmd_bench(args) -> int:
         raise ConfigError("vit-dist bench needs a CONFIG (e.g. configs/bench/vit_32px.yaml), or --peak")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    cfg = load_config(args.config, args.set)
+    # --peak without a config measures this machine's CPU (the defaults target Ascend).
+    cfg = load_config(args.config, args.set if args.config else ["parallel.device_target=CPU", *args.set])
     placement = runtime.detect_placement(os.environ)
     if args.data:
         preflight(cfg, placement.world_size)  # the folder and the batch size, before MindSpore starts
