@@ -18,7 +18,7 @@ usage() {
     exit 2
 }
 
-# OPTIONS, then the job: [train|eval] CONFIG [--ckpt C] [--set k=v ...] -> subcommand, config, worker_args
+# OPTIONS, then the job: [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...] -> subcommand, config, worker_args
 parse_command_line() {
     while [[ $# -gt 0 && -n $1 && -n ${OPTIONS[$1]:-} ]]; do
         [[ $# -ge 2 ]] || usage
@@ -33,7 +33,7 @@ parse_command_line() {
         exit 2
     fi
     subcommand=train
-    if [[ ${1:-} == train || ${1:-} == eval ]]; then
+    if [[ ${1:-} == train || ${1:-} == eval || ${1:-} == bench ]]; then
         subcommand=$1
         shift
     fi
@@ -53,7 +53,11 @@ put_python_first_on_path() {
 # line and exit status 2 on a problem); sets run_dir, device_target and log_dir.
 preflight() {
     local checked
-    checked=$("$PYTHON" -m vit_dist preflight "$config" --world "$1" --nodes "$2" \
+    local bench=()
+    if [[ $subcommand == bench ]]; then
+        bench=(--bench)
+    fi
+    checked=$("$PYTHON" -m vit_dist preflight "$config" --world "$1" --nodes "$2" ${bench[@]+"${bench[@]}"} \
         ${worker_args[@]+"${worker_args[@]}"})
     run_dir=$(sed -n 1p <<<"$checked")
     device_target=$(sed -n 2p <<<"$checked")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs `vit-dist train|eval` on N ranks per node through MindSpore's msrun.
+# Runs `vit-dist train|eval|bench` on N ranks per node through MindSpore's msrun.
 #
-#   launch/msrun.sh -n N [--failure-timeout S] [train|eval] CONFIG [--ckpt C] [--set k=v ...]
+#   launch/msrun.sh -n N [--failure-timeout S] [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
 #   launch/msrun.sh -n N --nodes M --node-rank R --master-addr A --master-port P [train|eval] CONFIG ...
 #
 # The config and data are checked once here (one clear line, no process started) before msrun

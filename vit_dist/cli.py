@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vit_dist import runtime
 from vit_dist.checkpoint import CheckpointError
-from vit_dist.config import Config, ConfigError, load_config
+from vit_dist.config import Config, ConfigError, check_compile_cache, compile_cache_dir, load_config
 from vit_dist.metrics import RunRecord, read_data_check
 
 EXIT_USER_ERROR = 2
@@ -47,6 +47,7 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     from vit_dist import data
     from vit_dist.parallel.layout import RankLayout
 
+    check_compile_cache(cfg, world_size)
     run_dir = resolve_run_dir(cfg)
     scan = data.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
     bad = scan.bad_files()
@@ -68,7 +69,7 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     return run_dir, scan
 
 
-def _start(cfg: Config, data_parallel: bool = True):
+def _start(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
     job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
     placement = runtime.detect_placement(os.environ)
@@ -77,13 +78,14 @@ def _start(cfg: Config, data_parallel: bool = True):
               flush=True)
     run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True)
     placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
-                                     data_parallel)
+                                     data_parallel=cfg.parallel.mode == "data",
+                                     compile_cache=compile_cache_dir(cfg, job, placement.world_size))
     return placement, run_dir.resolve(), scan
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir, scan = _start(cfg, cfg.parallel.mode == "data")
+    placement, run_dir, scan = _start(cfg, "train")
     from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
 
     result = train(cfg, placement, run_dir, scan)
@@ -99,7 +101,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir, scan = _start(cfg)
+    placement, run_dir, scan = _start(cfg, "eval")
     # These import mindspore, which must come after _start (runtime.join_mpi_job).
     from vit_dist import checkpoint, data
     from vit_dist.evaluate import evaluate
@@ -141,6 +143,39 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.config is None and not args.peak:
+        raise ConfigError("vit-dist bench needs a CONFIG (e.g. configs/bench/vit_32px.yaml), or --peak")
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    # --peak without a config measures this machine's CPU (the defaults target Ascend).
+    cfg = load_config(args.config, args.set if args.config else ["parallel.device_target=CPU", *args.set])
+    placement = runtime.detect_placement(os.environ)
+    if args.data:
+        preflight(cfg, placement.world_size, placement.is_main, reuse_record=False)  # before MindSpore starts
+    elif not args.peak and cfg.model.num_classes is None:
+        raise ConfigError("vit-dist bench trains on synthetic batches and needs model.num_classes; "
+                          "set it in the config or with --set model.num_classes=N")
+    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                     compile_cache=compile_cache_dir(cfg, "bench", placement.world_size))
+    from vit_dist import bench  # imports mindspore, which must come after init_backend (runtime.join_mpi_job)
+
+    if args.peak:
+        result = {"peak_gflops": bench.matmul_peak_gflops()}
+        text = f"fp32 MatMul peak {result['peak_gflops']:.1f} GFLOP/s (2048^3, median of 10)"
+    elif args.data:
+        result = bench.bench_data(cfg, placement, args.steps)
+        text = bench.format_data(result)
+    else:
+        result = bench.bench_train(cfg, placement, args.steps, args.warmup, args.peak_gflops)
+        text = bench.format_train(result)
+    if placement.is_main:
+        print(text)
+        if args.json:
+            print(json.dumps(result), flush=True)
+    return 0
+
+
 def cmd_preflight(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.nodes > 1 and cfg.train.output_dir is None:
@@ -148,7 +183,12 @@ def cmd_preflight(args) -> int:
                           "make a run directory of its own; set it to a directory every node shares")
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
-    run_dir, _ = preflight(cfg, args.world, is_main=True, reuse_record=False)
+    if args.bench and not args.data:  # synthetic batches: no data to check
+        check_compile_cache(cfg, args.world)
+        run_dir = resolve_run_dir(cfg)
+        prepare_run_dir(run_dir)
+    else:
+        run_dir, _ = preflight(cfg, args.world, is_main=True, reuse_record=False)
     print(run_dir.resolve())
     print(cfg.parallel.device_target)
     return 0
@@ -195,6 +235,14 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def add_bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=20, help="bench: timed steps (with --data: timed batches)")
+    p.add_argument("--warmup", type=int, default=3, help="bench: untimed steps after the first (compiling) one")
+    p.add_argument("--peak-gflops", type=float, help="bench: MFU against this peak instead of measuring it")
+    p.add_argument("--data", action="store_true", help="bench: time the input pipeline on data.root/train")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-dist", description="Distributed ViT training with MindSpore")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,12 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("info", "parameter count and forward FLOPs per image")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="training images/s, compile time, MFU on synthetic batches; "
+                                     "--data: the input pipeline alone; --peak: the fp32 MatMul peak")
+    p.add_argument("config", nargs="?", help="YAML config file (configs/bench/*.yaml)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.batch_size=32")
+    p.add_argument("--peak", action="store_true", help="measure MindSpore's fp32 MatMul GFLOP/s only")
+    add_bench_options(p)
+    p.set_defaults(func=cmd_bench)
     p = with_config("preflight", "check config and data for a job of --world ranks; "
                                  "print the run directory and the device target")
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--nodes", type=int, default=1,
                    help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
+    p.add_argument("--bench", action="store_true",
+                   help="the job is `vit-dist bench`: the data is checked only with --data")
+    add_bench_options(p)
     p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("check-data", help="list the image files under ROOT/train and ROOT/val that the decoder "
                                           "would fail on, with reasons; exit status 1 if there are any")

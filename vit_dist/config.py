@@ -91,6 +91,7 @@ class TrainConfig:
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch (which always happens)
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
     resume: Optional[str] = None  # null | auto (newest verified checkpoint in output_dir) | a checkpoint path
+    compile_cache: Optional[str] = None  # null | a directory: MindSpore's compiled graphs, reused by the next launch
 
     @property
     def eval_batch(self) -> int:
@@ -370,12 +371,35 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# Keys that name places, not the computation: they may differ between launches of the same graph.
+NOT_IN_GRAPH = ("output_dir", "resume", "compile_cache")
+
+
 def config_digest(cfg: Config) -> str:
-    """A short hash of what shapes a run's results; where it goes and what it resumes from are left out."""
+    """A short hash of what shapes a run's computation and results; where it goes, where it caches
+    and what it resumes from are left out."""
     settings = to_dict(cfg)
-    for key in ("resume", "output_dir"):
-        settings["train"].pop(key)
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in NOT_IN_GRAPH}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_compile_cache(cfg: Config, world_size: int) -> None:
+    if cfg.train.compile_cache is not None and world_size > 1:
+        raise ConfigError(f"train.compile_cache works on one device only: on {world_size} ranks MindSpore 2.10's "
+                          "cached graph trained with NaN losses here; set train.compile_cache=null")
+
+
+def compile_cache_dir(cfg: Config, job: str, world_size: int) -> Optional[str]:
+    """train.compile_cache/<key>: a folder per computation. MindSpore's cache checks the source files
+    but not the values a Cell was built with, so a launch with another depth or batch size would load
+    the old graph; the key (config, job, world size, MindSpore version) keeps them apart."""
+    if cfg.train.compile_cache is None:
+        return None
+    check_compile_cache(cfg, world_size)
+    from importlib.metadata import version
+
+    identity = json.dumps([config_digest(cfg), job, world_size, version("mindspore")])
+    return str(Path(cfg.train.compile_cache) / hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -156,13 +156,23 @@ def cpu_threads(threads_per_rank: int, local_world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_world_size)
 
 
+def enable_compile_cache(path: str) -> None:
+    """MindSpore saves each compiled graph under path (a folder per rank) and a later launch of the
+    same code and config loads it instead of compiling. Read when a graph compiles, so it is set in
+    the environment, MindSpore 2.10's interface for it (set_context(enable_compile_cache) is deprecated)."""
+    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    os.environ["MS_COMPILER_CACHE_PATH"] = os.path.abspath(path)
+
+
 def init_backend(device_target: str, threads_per_rank: int, placement: Placement,
-                 data_parallel: bool = True) -> Placement:
+                 data_parallel: bool = True, compile_cache: str | None = None) -> Placement:
     """Graph mode on the configured device; for a multi-rank job init() the collective backend
     (HCCL/NCCL/MCCL by device) and, if data_parallel, the data-parallel context (semi_auto's
     AutoParallel wrapper sets its own). Returns the placement with the rank the backend assigned."""
     if placement.launcher == "mpirun" and placement.distributed:
         join_mpi_job(placement, os.environ)  # before mindspore is imported
+    if compile_cache:
+        enable_compile_cache(compile_cache)
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 

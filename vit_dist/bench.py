@@ -1,0 +1,198 @@
+"""`vit-dist bench`: training throughput of the real train step on synthetic batches, the fp32
+MatMul peak it is compared with, and the input pipeline alone on a real folder. Synthetic training
+needs model.num_classes (cli checks it).
+
+Every rank runs the same steps; per-rank figures are reduced so rank 0 reports the job's.
+"""
+from __future__ import annotations
+
+import itertools
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from vit_dist.config import Config
+from vit_dist.models import vit_spec
+from vit_dist.models.vit import forward_flops
+from vit_dist.parallel.data_parallel import all_reduce_sum
+from vit_dist.runtime import Placement
+
+# Distinct synthetic batches cycled through, so no step reuses the previous step's input buffer.
+SYNTHETIC_BATCHES = 2
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """MindSpore's fp32 MatMul throughput on a square problem (the median of repeats): the ceiling
+    MFU is measured against. Returns a 1x1 slice so the host copy costs nothing."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class Product(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.matmul = ops.MatMul()
+
+        def construct(self, a, b):
+            return self.matmul(a, b)[0:1, 0:1]
+
+    rng = np.random.default_rng(0)
+    a, b = (ms.Tensor(rng.random((size, size), np.float32)) for _ in range(2))
+    product = Product()
+    product(a, b).asnumpy()  # compile
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product(a, b).asnumpy()
+        times.append(time.perf_counter() - started)
+    return 2.0 * size ** 3 / statistics.median(times) / 1e9
+
+
+def train_flops_per_image(cfg: Config) -> float:
+    """Forward + backward FLOPs of one image: 3x the forward's matmul FLOPs (backward is two matmuls
+    per forward matmul), the convention MFU figures use."""
+    return 3.0 * forward_flops(vit_spec(cfg, cfg.model.num_classes))
+
+
+def synthetic_batches(cfg: Config, count: int = SYNTHETIC_BATCHES) -> list:
+    import mindspore as ms
+
+    rng = np.random.default_rng(cfg.train.seed)
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    return [(ms.Tensor(rng.standard_normal((batch, 3, size, size), np.float32)),
+             ms.Tensor(rng.integers(0, cfg.model.num_classes, batch, np.int32))) for _ in range(count)]
+
+
+def time_steps(train_step, batches: list, lr, steps: int, warmup: int) -> dict:
+    """Runs 1 + warmup + steps steps, each read back to the host (so each one's time is its own);
+    returns the first step's time and the timed steps' data-wait and compute times."""
+    source = itertools.cycle(batches)
+    started = time.perf_counter()
+    images, labels = next(source)
+    train_step(images, labels, lr)[0].asnumpy()
+    first = time.perf_counter() - started
+    for _ in range(warmup):
+        images, labels = next(source)
+        train_step(images, labels, lr)[0].asnumpy()
+    waits, computes = [], []
+    for _ in range(steps):
+        fetched = time.perf_counter()
+        images, labels = next(source)
+        started = time.perf_counter()
+        train_step(images, labels, lr)[0].asnumpy()
+        done = time.perf_counter()
+        waits.append(started - fetched)
+        computes.append(done - started)
+    return {"first": first, "waits": waits, "computes": computes}
+
+
+def peak_memory_mib(device_target: str) -> float:
+    """Peak resident memory of this process on the CPU backend; the device allocator's peak elsewhere."""
+    if device_target == "CPU":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import mindspore as ms
+
+    return ms.runtime.max_memory_allocated() / 2 ** 20
+
+
+def summarize(cfg: Config, placement: Placement, times: dict, peak_gflops: float) -> dict:
+    """Per-device figures from this rank's step times; global ones summed over ranks (a collective)."""
+    batch = cfg.train.batch_size
+    step_times = [w + c for w, c in zip(times["waits"], times["computes"])]
+    per_device = sorted(batch / t for t in step_times)
+    median = statistics.median(per_device)
+    median_step = statistics.median(step_times)
+    global_median, global_min, global_max = all_reduce_sum([median, per_device[0], per_device[-1]], placement)
+    flops = train_flops_per_image(cfg)
+    return {
+        "images_per_sec": float(global_median),
+        "images_per_sec_min": float(global_min),
+        "images_per_sec_max": float(global_max),
+        "images_per_sec_per_device": median,
+        "images_per_sec_per_device_min": per_device[0],
+        "images_per_sec_per_device_max": per_device[-1],
+        "world_size": placement.world_size,
+        "batch_per_device": batch,
+        "steps": len(step_times),
+        "step_ms": 1000 * median_step,
+        "data_wait_ms": 1000 * statistics.median(times["waits"]),
+        "compute_ms": 1000 * statistics.median(times["computes"]),
+        "compile_s": times["first"] - median_step,
+        "first_step_s": times["first"],
+        "peak_memory_mib": peak_memory_mib(cfg.parallel.device_target),
+        "train_gflops_per_image": flops / 1e9,
+        "achieved_gflops_per_device": flops * median / 1e9,
+        "peak_gflops": peak_gflops,
+        "mfu": flops * median / 1e9 / peak_gflops,
+    }
+
+
+def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak_gflops: float | None) -> dict:
+    """The training step vit-dist trains with (train.make_train_step), on synthetic batches."""
+    import mindspore as ms
+
+    from vit_dist.models import build_model
+    from vit_dist.optim import build_optimizer
+    from vit_dist.parallel.data_parallel import gradient_reducer
+    from vit_dist.precision import apply_mixed_precision, build_loss_scaler
+    from vit_dist.train import make_train_step
+
+    ms.set_seed(cfg.train.seed)
+    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes), cfg.precision)
+    net.set_train(True)
+    optimizer = build_optimizer(net, cfg.train)
+    train_step = make_train_step(net, optimizer, gradient_reducer(optimizer.parameters, placement),
+                                 cfg.train.label_smoothing, cfg.train.grad_clip_norm,
+                                 build_loss_scaler(cfg.precision), cfg.precision.min_loss_scale)
+    times = time_steps(train_step, synthetic_batches(cfg), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup)
+    # Measured after the steps, so the peak is taken on the same (possibly shared) machine state.
+    peak = peak_gflops or matmul_peak_gflops()
+    return summarize(cfg, placement, times, peak)
+
+
+def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:
+    """The training input pipeline alone (decode + augment + batch with data.num_workers), on this
+    rank's shard of data.root/train; the first batch (pipeline start-up) is not timed."""
+    from vit_dist import data
+
+    split, _, classes = data.scan_dataset(cfg.data)
+    per_epoch = data.steps_per_epoch(split.num_images, placement.world_size, cfg.train.batch_size)
+    dataset = data.train_dataset(cfg, split, classes, placement.rank, placement.world_size)
+    epochs = -(-(batches + 1) // per_epoch)
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
+    # Each pass over a multi-epoch iterator yields one epoch (as in train.py's loop).
+    stream = (batch for _ in range(epochs) for batch in iterator)
+    started = time.perf_counter()
+    next(stream)
+    startup = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    elapsed = time.perf_counter() - started
+    per_rank = batches * cfg.train.batch_size / elapsed
+    (total,) = all_reduce_sum([per_rank], placement)
+    return {"data_images_per_sec": float(total), "data_images_per_sec_per_rank": per_rank,
+            "num_workers": cfg.data.num_workers, "batches": batches, "startup_s": startup,
+            "world_size": placement.world_size}
+
+
+def format_train(result: dict) -> str:
+    r = result
+    return (f"images/s {r['images_per_sec']:.1f} global over {r['world_size']} rank(s) "
+            f"(min {r['images_per_sec_min']:.1f}, max {r['images_per_sec_max']:.1f}); "
+            f"per device {r['images_per_sec_per_device']:.1f} "
+            f"(min {r['images_per_sec_per_device_min']:.1f}, max {r['images_per_sec_per_device_max']:.1f}) "
+            f"over {r['steps']} steps of batch {r['batch_per_device']}\n"
+            f"step {r['step_ms']:.1f} ms = data wait {r['data_wait_ms']:.2f} ms + compute {r['compute_ms']:.1f} ms; "
+            f"first step {r['first_step_s']:.1f} s (compile {r['compile_s']:.1f} s)\n"
+            f"{r['train_gflops_per_image']:.3f} train GFLOPs/image, {r['achieved_gflops_per_device']:.1f} GFLOP/s "
+            f"per device, MFU {100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s (fp32 MatMul peak); "
+            f"peak memory {r['peak_memory_mib']:.0f} MiB")
+
+
+def format_data(result: dict) -> str:
+    r = result
+    return (f"input pipeline: {r['data_images_per_sec']:.1f} images/s over {r['world_size']} rank(s) "
+            f"({r['data_images_per_sec_per_rank']:.1f} per rank, {r['num_workers']} workers each, "
+            f"{r['batches']} batches; start-up {r['startup_s']:.1f} s)")
