@@ -93,13 +93,17 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
     train_split, val_split, classes = data.scan_dataset(cfg.data)
+    record.write_classes(classes)
     steps_per_epoch = data.steps_per_epoch(train_split.num_images, placement.world_size, cfg.train.batch_size)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     ms.set_seed(cfg.train.seed)  # the same seed on every rank: identical initial parameters
-    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(classes)), cfg.precision)
+    net = build_model(cfg, cfg.model.num_classes or len(classes))
+    if cfg.model.pretrained:
+        checkpoint.load_pretrained(net, cfg.model.pretrained, record.say)
+    net = apply_mixed_precision(net, cfg.precision)
     net.set_train(True)
     learning_rates = lr_schedule(cfg.train, steps_per_epoch)
     optimizer = build_optimizer(net, cfg.train)
@@ -160,6 +164,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path) -> dict:
             interval = Interval.start()
     result = run_eval(epoch)
     record.write_eval(result)
+    record.write_plot()
     return {**result, "checkpoint": str(saved) if saved else None}
 
 
