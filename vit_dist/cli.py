@@ -187,6 +187,8 @@ def cmd_import_weights(args) -> int:
     from vit_dist import weights
     from vit_dist.config import dump_yaml
 
+    if (args.base or args.set) and not args.config_out:
+        raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
     imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads, image_size=args.image_size,
                                       num_classes=args.num_classes, drop_head=args.drop_head, seed=args.seed)
     if args.config_out:  # built and validated before anything is written
