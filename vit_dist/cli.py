@@ -185,7 +185,7 @@ def cmd_demo_data(args) -> int:
 
 def cmd_import_weights(args) -> int:
     from vit_dist import weights
-    from vit_dist.config import dump_yaml
+    from vit_dist.config import dump_yaml, validate
 
     if (args.base or args.set) and not args.config_out:
         raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
@@ -194,6 +194,7 @@ def cmd_import_weights(args) -> int:
     if args.config_out:  # built and validated before anything is written
         cfg = load_config(args.base, args.set)
         weights.apply_to_config(cfg, imported, Path(args.out))
+        validate(cfg)
         text = dump_yaml(cfg)
     out = weights.save_imported(imported, args.out, args.source)
     weights.report(imported, lambda line: print(line, file=sys.stderr))
@@ -203,7 +204,6 @@ def cmd_import_weights(args) -> int:
         print(f"wrote the source's {len(imported.classes)} class names to {out.parent / 'classes.json'}")
     if args.config_out:
         Path(args.config_out).write_text(text)
-        load_config(args.config_out)  # the written file must load as is
         print(f"wrote {args.config_out}")
     return 0
 
