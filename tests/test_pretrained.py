@@ -229,3 +229,25 @@ def test_run_ends_with_a_plot_and_plot_redraws_it(finetuned, tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path} has no metrics.jsonl; pass a run directory " \
                                               "(train.output_dir)"
+
+
+def test_pretrained_of_another_class_count_reinitialises_the_head_and_a_body_mismatch_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    def tiny(classes, size=16):
+        cfg = load_config(None, ["model.variant=ti", "model.patch_size=8", f"data.image_size={size}", "model.depth=1"])
+        return build_model(cfg, classes)
+
+    source = {p.name: p.asnumpy() for p in tiny(5).get_parameters()}
+    save_file(source, str(tmp_path / "five.safetensors"))
+    net, lines = tiny(3), []
+    fresh_head = net.head.weight.asnumpy()
+    checkpoint.load_pretrained(net, tmp_path / "five.safetensors", lines.append)
+    assert lines == [f"pretrained {tmp_path / 'five.safetensors'}: loaded 22 of 24 tensors; re-initialised for another "
+                     "class count: ['head.bias', 'head.weight']; missing (initialised fresh): none; "
+                     "unexpected (ignored): none"]
+    assert np.array_equal(net.head.weight.asnumpy(), fresh_head)
+    assert all(np.array_equal(p.asnumpy(), source[p.name]) for p in net.get_parameters() if "head" not in p.name)
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit model\.\*: pos_embed \(1, 5, 192\) vs "
+                                                         r"\(1, 10, 192\); .*--image-size"):
+        checkpoint.load_pretrained(tiny(5, size=24), tmp_path / "five.safetensors", lines.append)

@@ -172,10 +172,11 @@ def load_pretrained(net, path: str | Path, say) -> None:
                               "--config-out")
     loaded = {n: saved[n] for n in params.keys() & saved.keys() if n not in wrong_shape}
     ms.load_param_into_net(net, loaded)
-    missing = sorted(set(params) - set(loaded))
+    missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
-    say(f"pretrained {path}: loaded {len(loaded)} of {len(params)} tensors; missing (initialised fresh): "
-        f"{missing or 'none'}; unexpected (ignored): {unexpected[:10] or 'none'}"
+    say(f"pretrained {path}: loaded {len(loaded)} of {len(params)} tensors; "
+        + (f"re-initialised for another class count: {wrong_shape}; " if wrong_shape else "")
+        + f"missing (initialised fresh): {missing or 'none'}; unexpected (ignored): {unexpected[:10] or 'none'}"
         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
 
 
