@@ -215,3 +215,47 @@ def load_weights(net, path: str | Path) -> None:
     params = {p.name: p for p in net.get_parameters()}
     _check_fits(path, params, saved, "check model.* and model.num_classes")
     ms.load_param_into_net(net, {name: saved[name] for name in params})
+
+
+def load_pretrained(net, path: str | Path, say) -> None:
+    """Fine-tuning start: loads the model parameters the file has, with their shapes, and reports
+    the rest. A head of another class count is re-initialised (the model's fresh one is kept); any
+    other shape mismatch is an error, since training from a half-loaded body would go unnoticed."""
+    import mindspore as ms
+
+    saved = _read(Path(path))
+    params = {p.name: p for p in net.get_parameters()}
+    wrong_shape = sorted(n for n in params.keys() & saved.keys() if tuple(saved[n].shape) != tuple(params[n].shape))
+    body_mismatch = [n for n in wrong_shape if not n.startswith("head.")]
+    if body_mismatch:
+        shapes = ", ".join(f"{n} {tuple(saved[n].shape)} vs {tuple(params[n].shape)}" for n in body_mismatch[:3])
+        raise CheckpointError(f"model.pretrained {path} does not fit model.*: {shapes}; write weights for this "
+                              "model with vit-dist import-weights (--image-size resamples pos_embed) and its "
+                              "--config-out")
+    loaded = {n: saved[n] for n in params.keys() & saved.keys() if n not in wrong_shape}
+    ms.load_param_into_net(net, loaded)
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    say(f"pretrained {path}: loaded {len(loaded)} of {len(params)} tensors; "
+        + (f"re-initialised for another class count: {wrong_shape}; " if wrong_shape else "")
+        + f"missing (initialised fresh): {missing or 'none'}; unexpected (ignored): {unexpected[:10] or 'none'}"
+        + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+
+
+def head_classes(path: str | Path) -> int:
+    """The class count of a checkpoint's head, read from the safetensors header alone."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass --ckpt RUN_DIR/checkpoints/step_N{SUFFIX}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if "head.bias" not in f.keys():
+                raise CheckpointError(f"checkpoint {path} has no head (imported with --drop-head?); fine-tune it "
+                                      "first, or import it with its head")
+            return int(f.get_slice("head.bias").get_shape()[0])
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None

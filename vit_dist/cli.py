@@ -57,6 +57,9 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     if is_main and scan.fresh:
         for line in scan.report():
             print(line, file=sys.stderr, flush=True)
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist; write it with vit-dist "
+                          "import-weights, or set model.pretrained=null")
     layout = RankLayout.of(cfg, 0, world_size)
     data.steps_per_epoch(scan.train.num_images, layout.dp, cfg.train.batch_size, cfg.parallel.grad_accumulation)
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(scan.classes):
@@ -118,6 +121,43 @@ def cmd_eval(args) -> int:
     record.write_eval(result)
     if placement.is_main:
         print(json.dumps(result), flush=True)
+    return 0
+
+
+def _start_single(cfg: Config) -> None:
+    """Inference and export run in this one process, on the configured device."""
+    runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank,
+                         runtime.Placement("single", 0, 1, 0, 1))
+
+
+def cmd_infer(args) -> int:
+    cfg = load_config(args.config, args.set)
+    from vit_dist.infer import find_images, format_prediction, run_inference
+
+    find_images(args.images)  # a wrong path is one line before the backend starts
+    _start_single(cfg)
+    for prediction in run_inference(cfg, args.ckpt, args.images, args.topk, args.out):
+        print(format_prediction(prediction))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    cfg = load_config(args.config, args.set)
+    from vit_dist.export import export_model
+
+    _start_single(cfg)
+    out = export_model(cfg, args.ckpt, args.format, args.out, args.batch_size)
+    print(f"wrote {out} (input {args.batch_size}x3x{cfg.data.image_size}x{cfg.data.image_size} float32, "
+          f"normalised as data.mean/std)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from vit_dist.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
 
@@ -243,6 +283,31 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
 
 
+def cmd_import_weights(args) -> int:
+    from vit_dist import weights
+    from vit_dist.config import dump_yaml, validate
+
+    if (args.base or args.set) and not args.config_out:
+        raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
+    imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads, image_size=args.image_size,
+                                      num_classes=args.num_classes, drop_head=args.drop_head, seed=args.seed)
+    if args.config_out:  # built and validated before anything is written
+        cfg = load_config(args.base, args.set)
+        weights.apply_to_config(cfg, imported, Path(args.out))
+        validate(cfg)
+        text = dump_yaml(cfg)
+    out = weights.save_imported(imported, args.out, args.source)
+    weights.report(imported, lambda line: print(line, file=sys.stderr))
+    print(f"{weights.describe(imported)}; wrote {len(imported.params)} tensors to {out}")
+    if imported.classes:  # where infer looks first
+        (out.parent / "classes.json").write_text(json.dumps(imported.classes) + "\n")
+        print(f"wrote the source's {len(imported.classes)} class names to {out.parent / 'classes.json'}")
+    if args.config_out:
+        Path(args.config_out).write_text(text)
+        print(f"wrote {args.config_out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-dist", description="Distributed ViT training with MindSpore")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("eval", "evaluate a checkpoint on data.root/val")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
     p.set_defaults(func=cmd_eval)
+    p = with_config("infer", "top-k classes of image files (no dataset needed)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
+    p.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--out", help="write the predictions: .json (a list) or .csv (image, rank, class, index, prob)")
+    p.set_defaults(func=cmd_infer)
+    p = with_config("export", "write a checkpoint as a MindIR (or ONNX) graph for inference")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
+    p.add_argument("--format", default="mindir", choices=("mindir", "onnx"))
+    p.add_argument("--out", help="output file (default: the checkpoint's name with .mindir/.onnx)")
+    p.add_argument("--batch-size", type=int, default=1, help="the exported graph's fixed batch size")
+    p.set_defaults(func=cmd_export)
     p = with_config("info", "parameter count and forward FLOPs per image")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -293,10 +370,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--strategy", help="strategy file (default: RUN_DIR/strategy/rank_0.ckpt)")
     p.set_defaults(func=cmd_merge_checkpoint)
+    p = sub.add_parser("plot", help="PNG of a run's loss, val top-1, lr, loss scale and images/s against step")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG file (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
     p.add_argument("out")
     p.add_argument("--image-size", type=int, default=32)
     p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("import-weights", help="convert a timm, Hugging Face or MindCV ViT to this project's "
+                                              "parameters (safetensors)")
+    p.add_argument("src", help="weights file (.safetensors, .bin/.pt/.pth state dict, MindCV .ckpt) "
+                               "or a Hugging Face save_pretrained folder")
+    p.add_argument("out", help="output weights file (.safetensors)")
+    p.add_argument("--from", dest="source", required=True, choices=("timm", "hf", "mindcv"))
+    p.add_argument("--image-size", type=int, help="resample the position embedding for this image size")
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--num-classes", type=int, help="re-initialise the head for this many classes")
+    head.add_argument("--drop-head", action="store_true", help="leave the head out (fine-tuning makes a new one)")
+    p.add_argument("--num-heads", type=int, help="attention heads, where the source does not record them")
+    p.add_argument("--seed", type=int, default=0, help="seed of a re-initialised head")
+    p.add_argument("--config-out", help="write a config whose model section matches the weights")
+    p.add_argument("--base", help="config the --config-out file starts from (default: the defaults)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides for the --config-out file, e.g. --set data.root=data/x parallel.device_target=CPU")
+    p.set_defaults(func=cmd_import_weights)
     sub.add_parser("rank-table", help="generate, merge or validate HCCL rank tables", add_help=False)
     return parser
 

@@ -55,6 +55,9 @@ class ModelConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.1
+    layer_norm_eps: float = 1e-6  # timm's and MindCV's ViTs use 1e-6, Hugging Face's 1e-12
+    gelu_approximate: bool = False  # tanh GELU: MindSpore's nn.GELU default, which MindCV's ViT uses
+    pretrained: Optional[str] = None  # weights to fine-tune from (vit-dist import-weights writes them)
 
 
 @dataclass
@@ -69,6 +72,9 @@ class DataConfig:
     hflip_prob: float = 0.5
     eval_crop_fraction: float = 0.875  # resize to image_size / fraction, then center crop
     on_bad_image: str = "skip"  # skip: train without the files the decoder would fail on | error: stop first
+    # Per-channel normalisation of [0, 1] pixels; pretrained weights expect their own (HF ViTs: 0.5, 0.5).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -289,6 +295,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(d.crop_scale)}")
     if not 0.0 < d.crop_ratio[0] <= d.crop_ratio[1]:
         raise ConfigError(f"data.crop_ratio must be [min, max] with 0 < min <= max, got {list(d.crop_ratio)}")
+    if not 0.0 < m.layer_norm_eps < 1.0:
+        raise ConfigError(f"model.layer_norm_eps must be in (0, 1), got {m.layer_norm_eps}")
+    if min(d.std) <= 0 or not all(0.0 <= v <= 1.0 for v in d.mean):
+        raise ConfigError(f"data.mean must be 3 values in [0, 1] and data.std 3 values > 0 (pixels scaled to "
+                          f"[0, 1]), got mean {list(d.mean)} std {list(d.std)}")
     if d.num_workers < 1:
         raise ConfigError(f"data.num_workers must be at least 1, got {d.num_workers}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:

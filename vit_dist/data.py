@@ -18,8 +18,6 @@ from vit_dist.config import Config, ConfigError, DataConfig, rank_batch
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # ImageFolderDataset matches extensions exactly: ".jpg" and ".JPG" are read, ".Jpg" is not.
 READ_EXTENSIONS = tuple(sorted({e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())}))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -134,10 +132,10 @@ def steps_per_epoch(num_images: int, world_size: int, batch_size: int, accumulat
     return per_rank // (batch_size * accumulation)
 
 
-def _normalize_ops():
+def _normalize_ops(cfg: DataConfig):
     import mindspore.dataset.vision as vision
 
-    return [vision.Normalize([m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD]), vision.HWC2CHW()]
+    return [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
 
 
 def train_transforms(cfg: DataConfig) -> list:
@@ -149,7 +147,7 @@ def train_transforms(cfg: DataConfig) -> list:
     ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
     if cfg.hflip_prob > 0:
         ops.append(vision.RandomHorizontalFlip(cfg.hflip_prob))
-    return ops + _normalize_ops()
+    return ops + _normalize_ops(cfg)
 
 
 def eval_transforms(cfg: DataConfig) -> list:
@@ -157,7 +155,7 @@ def eval_transforms(cfg: DataConfig) -> list:
 
     # The decoder always yields 3-channel RGB, whatever the file's mode (L, RGBA, CMYK, P, 16-bit).
     resize = int(cfg.image_size / cfg.eval_crop_fraction)
-    return [vision.Decode(), vision.Resize(resize), vision.CenterCrop(cfg.image_size)] + _normalize_ops()
+    return [vision.Decode(), vision.Resize(resize), vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
 
 
 def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: int, world_size: int,

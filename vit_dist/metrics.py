@@ -46,6 +46,11 @@ class RunRecord:
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
+    def write_classes(self, classes: dict[str, int]) -> None:
+        """The class names in index order, so that inference can name predictions without the dataset."""
+        if self.is_main:
+            (self.run_dir / "classes.json").write_text(json.dumps(sorted(classes, key=classes.get)) + "\n")
+
     def log(self, record: dict, line: str) -> None:
         """Prints the line and appends the record to metrics.jsonl."""
         if not self.is_main:
@@ -61,6 +66,18 @@ class RunRecord:
     def write_eval(self, result: dict) -> None:
         if self.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps(result) + "\n")
+
+    def write_plot(self) -> None:
+        """RUN_DIR/curves.png; a missing matplotlib (the optional `plot` extra) is one line, not a failure."""
+        if not self.is_main:
+            return
+        from vit_dist.config import ConfigError
+        from vit_dist.plot import plot_run
+
+        try:
+            self.say(f"wrote {plot_run(self.run_dir)}")
+        except ConfigError as err:
+            self.say(f"no plot: {err}")
 
     def say(self, message: str) -> None:
         if self.is_main:

@@ -132,6 +132,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
     train_split, val_split, classes = scan.train, scan.val, scan.classes
+    record.write_classes(classes)
     layout = RankLayout.of(cfg, placement.rank, placement.world_size)
     steps_per_epoch = data.steps_per_epoch(train_split.num_images, layout.dp, cfg.train.batch_size,
                                            cfg.parallel.grad_accumulation)
@@ -145,6 +146,8 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
         from vit_dist.parallel import semi_auto
 
         semi_auto.apply_strategies(net, layout.dp, layout.mp, cfg.parallel.head)
+    if cfg.model.pretrained:
+        checkpoint.load_pretrained(net, cfg.model.pretrained, record.say)
     net = apply_mixed_precision(net, cfg.precision)
     net.set_train(True)
     learning_rates = lr_schedule(cfg.train, steps_per_epoch)
@@ -227,6 +230,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
         return {"checkpoint": str(merge(run_dir)) if placement.is_main else None}
     result = run_eval(epoch)
     record.write_eval(result)
+    record.write_plot()
     return {**result, "checkpoint": str(saved) if saved else None,
             "best_checkpoint": str(best[0]) if best else None}
 

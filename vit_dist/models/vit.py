@@ -26,6 +26,8 @@ class ViTSpec:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -36,8 +38,8 @@ def _dense(in_features: int, out_features: int) -> nn.Dense:
     return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), bias_init=Zero())
 
 
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm((dim,), epsilon=1e-6)
+def _layer_norm(spec: ViTSpec) -> nn.LayerNorm:
+    return nn.LayerNorm((spec.embed_dim,), epsilon=spec.layer_norm_eps)
 
 
 class DropPath(nn.Cell):
@@ -107,7 +109,7 @@ class Mlp(nn.Cell):
     def __init__(self, spec: ViTSpec):
         super().__init__()
         self.fc1 = _dense(spec.embed_dim, spec.mlp_dim)
-        self.act = nn.GELU(approximate=False)
+        self.act = nn.GELU(approximate=spec.gelu_approximate)
         self.fc2 = _dense(spec.mlp_dim, spec.embed_dim)
         self.drop = nn.Dropout(p=spec.dropout)
 
@@ -120,9 +122,9 @@ class Block(nn.Cell):
 
     def __init__(self, spec: ViTSpec, drop_path: float):
         super().__init__()
-        self.norm1 = _layer_norm(spec.embed_dim)
+        self.norm1 = _layer_norm(spec)
         self.attn = Attention(spec)
-        self.norm2 = _layer_norm(spec.embed_dim)
+        self.norm2 = _layer_norm(spec)
         self.mlp = Mlp(spec)
         self.drop_path = DropPath(drop_path)
 
@@ -143,7 +145,7 @@ class VisionTransformer(nn.Cell):
         # Stochastic depth grows linearly with depth, from 0 at the first block.
         rates = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
         self.blocks = nn.SequentialCell([Block(spec, rate) for rate in rates])
-        self.norm = _layer_norm(spec.embed_dim)
+        self.norm = _layer_norm(spec)
         self.head = _dense(spec.embed_dim, spec.num_classes)
 
     def construct(self, x):

@@ -1,0 +1,253 @@
+"""import-weights against the real references (a random transformers ViT; its weights in timm's and
+MindCV's layouts), then fine-tuning from imported weights, inference, export and the run's plot."""
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import last_checkpoint, load_params, ok, tiny_config, vit_dist
+from vit_dist import checkpoint
+from vit_dist.cli import main
+from vit_dist.config import load_config
+from vit_dist.infer import write_predictions
+from vit_dist.models import build_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def hf_vit(folder, **config):
+    """A random ViTForImageClassification (32 px, patch 8, width 64, 2 layers, 4 heads, 5 classes),
+    saved with save_pretrained; weights drawn wider than the default 0.02 so logits are O(1)."""
+    torch.manual_seed(0)
+    settings = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                    patch_size=8, num_labels=5, initializer_range=0.2)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**{**settings, **config})).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def reference_logits(model, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(images), interpolate_pos_encoding=True).logits.numpy()
+
+
+def our_logits(config, weights, images: np.ndarray) -> np.ndarray:
+    import mindspore as ms
+
+    cfg = load_config(config)
+    net = build_model(cfg, cfg.model.num_classes or checkpoint.head_classes(weights))
+    checkpoint.load_weights(net, weights)
+    net.set_train(False)
+    return net(ms.Tensor(images)).asnumpy()
+
+
+def import_weights(src, out, source, *extra) -> None:
+    assert main(["import-weights", str(src), str(out), "--from", source, "--config-out", str(out.with_suffix(".yaml")),
+                 *extra]) == 0
+
+
+def images(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((2, 3, size, size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [32, 48, 24])
+def test_hugging_face_vit_gives_the_same_logits_at_its_size_and_after_interpolation(tmp_path, size):
+    model = hf_vit(tmp_path / "hf")
+    import_weights(tmp_path / "hf", tmp_path / "vit.safetensors", "hf", "--image-size", str(size))
+    cfg = yaml.safe_load((tmp_path / "vit.yaml").read_text())
+    assert cfg["model"]["layer_norm_eps"] == 1e-12 and cfg["data"]["image_size"] == size
+    assert cfg["data"]["mean"] == cfg["data"]["std"] == [0.5, 0.5, 0.5]  # ViTImageProcessor's
+    x = images(size)
+    want = reference_logits(model, x)
+    assert np.abs(want).max() > 0.5
+    assert np.abs(our_logits(tmp_path / "vit.yaml", tmp_path / "vit.safetensors", x) - want).max() < 1e-4
+
+
+def test_a_pytorch_bin_state_dict_imports_like_safetensors_and_pickles_are_refused(tmp_path, capsys):
+    names = ["cat", "dog", "fox", "owl", "yak"]
+    model = hf_vit(tmp_path / "hf", id2label=dict(enumerate(names)))
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    import_weights(tmp_path / "hf", tmp_path / "a.safetensors", "hf")
+    import_weights(folder, tmp_path / "b.safetensors", "hf")
+    a, b = load_params(tmp_path / "a.safetensors"), load_params(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "classes.json").read_text()) == names  # where infer looks first
+
+    torch.save({"weights": model.state_dict(), "payload": Image.new("L", (1, 1))}, folder / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["import-weights", str(folder), str(tmp_path / "c.safetensors"), "--from", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {folder / 'pytorch_model.bin'} as a weights-only PyTorch state dict")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.safetensors").exists()
+
+
+# transformers' names -> another library's; the q/k/v projections are fused separately.
+TIMM = [(r"vit\.embeddings\.cls_token", "cls_token"), (r"vit\.embeddings\.position_embeddings", "pos_embed"),
+        (r"vit\.embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
+        (r"vit\.encoder\.layer\.(\d)\.layernorm_before\.(\w+)", r"blocks.\1.norm1.\2"),
+        (r"vit\.encoder\.layer\.(\d)\.layernorm_after\.(\w+)", r"blocks.\1.norm2.\2"),
+        (r"vit\.encoder\.layer\.(\d)\.attention\.output\.dense\.(\w+)", r"blocks.\1.attn.proj.\2"),
+        (r"vit\.encoder\.layer\.(\d)\.intermediate\.dense\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+        (r"vit\.encoder\.layer\.(\d)\.output\.dense\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+        (r"vit\.layernorm\.(\w+)", r"norm.\1"), (r"classifier\.(\w+)", r"head.\1")]
+# MindCV's legacy ViT (mindcv/models/vit.py): MindSpore LayerNorms hold gamma/beta.
+MINDCV = [(r"vit\.embeddings\.cls_token", "backbone.cls"),
+          (r"vit\.embeddings\.position_embeddings", "backbone.pos_embedding"),
+          (r"vit\.embeddings\.patch_embeddings\.projection\.(\w+)", r"backbone.patch_embedding.conv.\1"),
+          (r"vit\.encoder\.layer\.(\d)\.layernorm_before\.(\w+)", r"backbone.transformer.layers.\1.0.cell.0.\2"),
+          (r"vit\.encoder\.layer\.(\d)\.layernorm_after\.(\w+)", r"backbone.transformer.layers.\1.1.cell.0.\2"),
+          (r"vit\.encoder\.layer\.(\d)\.attention\.output\.dense\.(\w+)",
+           r"backbone.transformer.layers.\1.0.cell.1.out.\2"),
+          (r"vit\.encoder\.layer\.(\d)\.intermediate\.dense\.(\w+)",
+           r"backbone.transformer.layers.\1.1.cell.1.dense1.\2"),
+          (r"vit\.encoder\.layer\.(\d)\.output\.dense\.(\w+)", r"backbone.transformer.layers.\1.1.cell.1.dense2.\2"),
+          (r"vit\.layernorm\.(\w+)", r"backbone.norm.\1"), (r"classifier\.(\w+)", r"head.classifier.\1")]
+
+
+def relayout(folder, table, qkv: str) -> dict[str, np.ndarray]:
+    """The save_pretrained file's tensors (transformers' stable names) in another layout."""
+    state = load_params(folder / "model.safetensors")
+    out = {}
+    for name, value in state.items():
+        for pattern, target in table:
+            if re.fullmatch(pattern, name):
+                out[re.sub(pattern, target, name)] = value
+    for layer in range(2):
+        hf = f"vit.encoder.layer.{layer}.attention.attention."
+        for kind in ("weight", "bias"):
+            out[qkv.format(layer=layer, kind=kind)] = np.concatenate([state[f"{hf}{p}.{kind}"]
+                                                                      for p in ("query", "key", "value")])
+    return out
+
+
+def test_timm_layout_with_fused_qkv_gives_the_reference_logits(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    model = hf_vit(tmp_path / "hf", layer_norm_eps=1e-6)  # timm's epsilon
+    save_file(relayout(tmp_path / "hf", TIMM, "blocks.{layer}.attn.qkv.{kind}"), str(tmp_path / "timm.safetensors"))
+    capsys.readouterr()
+    assert main(["import-weights", str(tmp_path / "timm.safetensors"), str(tmp_path / "x.safetensors"),
+                 "--from", "timm"]) == 2
+    assert "width 64 is not a standard ViT size" in capsys.readouterr().err
+    import_weights(tmp_path / "timm.safetensors", tmp_path / "vit.safetensors", "timm", "--num-heads", "4")
+    x = images(32)
+    got = our_logits(tmp_path / "vit.yaml", tmp_path / "vit.safetensors", x)
+    assert np.abs(got - reference_logits(model, x)).max() < 1e-4
+
+
+def test_mindcv_checkpoint_with_tanh_gelu_gives_the_reference_logits(tmp_path):
+    import mindspore as ms
+
+    # MindCV's legacy ViT: MindSpore's LayerNorm epsilon (1e-7) and nn.GELU default (tanh approximation).
+    model = hf_vit(tmp_path / "hf", layer_norm_eps=1e-7, hidden_act="gelu_pytorch_tanh")
+    state = relayout(tmp_path / "hf", MINDCV, "backbone.transformer.layers.{layer}.0.cell.1.qkv.{kind}")
+    state = {re.sub(r"(cell\.0|norm)\.weight$", r"\1.gamma", re.sub(r"(cell\.0|norm)\.bias$", r"\1.beta", k)): v
+             for k, v in state.items()}
+    state["adam_m.backbone.norm.gamma"] = np.ones(64, np.float32)  # optimizer state: ignored
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], str(tmp_path / "mindcv.ckpt"))
+    import_weights(tmp_path / "mindcv.ckpt", tmp_path / "vit.safetensors", "mindcv", "--num-heads", "4")
+    assert yaml.safe_load((tmp_path / "vit.yaml").read_text())["model"]["gelu_approximate"] is True
+    x = images(32)
+    got = our_logits(tmp_path / "vit.yaml", tmp_path / "vit.safetensors", x)
+    assert np.abs(got - reference_logits(model, x)).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_data, tmp_path_factory):
+    """The random HF ViT imported at 16 px without its head, then 2 fine-tuning steps at lr 1e-9 on
+    the tiny digits (3 classes): a run whose parameters are still the imported ones."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    hf_vit(tmp / "hf")
+    base = tiny_config(tmp / "base.yaml", tiny_data, data={"augment": False},
+                       train={"epochs": 1, "max_steps": 2, "lr": 1e-9, "min_lr": 0.0, "eval_batch_size": 3,
+                              "output_dir": str(tmp / "run")})
+    assert main(["import-weights", str(tmp / "hf"), str(tmp / "vit.safetensors"), "--from", "hf", "--image-size", "16",
+                 "--drop-head", "--config-out", str(tmp / "ft.yaml"), "--base", str(base)]) == 0
+    trained = ok(vit_dist("train", str(tmp / "ft.yaml")))
+    return {"tmp": tmp, "config": tmp / "ft.yaml", "run": tmp / "run", "trained": trained,
+            "ckpt": last_checkpoint(tmp / "run"), "data": tiny_data}
+
+
+def test_fine_tuning_starts_from_the_imported_weights_and_reports_the_missing_head(finetuned):
+    assert (f"pretrained {finetuned['tmp'] / 'vit.safetensors'}: loaded 38 of 40 tensors; missing (initialised "
+            "fresh): ['head.bias', 'head.weight']; unexpected (ignored): none") in finetuned["trained"].stderr
+    imported = load_params(finetuned["tmp"] / "vit.safetensors")
+    tuned = load_params(finetuned["ckpt"])
+    assert tuned["head.weight"].shape == (3, 64)
+    assert all(np.abs(tuned[k] - v).max() < 1e-6 for k, v in imported.items())
+    assert json.loads((finetuned["run"] / "classes.json").read_text()) == ["digit0", "digit1", "digit7"]
+
+
+def test_infer_names_classes_and_agrees_with_eval(finetuned, tmp_path):
+    out = tmp_path / "preds.json"
+    result = ok(vit_dist("infer", str(finetuned["config"]), "--ckpt", str(finetuned["ckpt"]),
+                         "--images", str(finetuned["data"] / "val"), "--topk", "2", "--out", str(out)))
+    predictions = json.loads(out.read_text())
+    assert len(predictions) == 9 and len(result.stdout.strip().splitlines()) == 10  # 9 images + "wrote"
+    for p in predictions:
+        probs = [t["prob"] for t in p["topk"]]
+        assert len(probs) == 2 and 1 >= probs[0] >= probs[1] > 0
+        assert {t["class"] for t in p["topk"]} <= {"digit0", "digit1", "digit7"}
+    top1 = np.mean([p["topk"][0]["class"] == p["image"].split("/")[-2] for p in predictions])
+    assert top1 == pytest.approx(json.loads((finetuned["run"] / "eval.json").read_text())["top1"])
+    write_predictions(predictions[:2], tmp_path / "preds.csv")  # --out x.csv: one row per image and rank
+    rows = (tmp_path / "preds.csv").read_text().splitlines()
+    top = predictions[1]["topk"][1]
+    assert rows[0] == "image,rank,class,index,prob" and len(rows) == 5
+    assert rows[4] == f"{predictions[1]['image']},2,{top['class']},{top['index']},{top['prob']:.6g}"
+
+
+def test_exported_mindir_loads_back_with_the_same_logits(finetuned, tmp_path):
+    import mindspore as ms
+    from mindspore import nn
+
+    ok(vit_dist("export", str(finetuned["config"]), "--ckpt", str(finetuned["ckpt"]), "--out",
+                str(tmp_path / "vit.mindir"), "--batch-size", "2"))
+    x = images(16, seed=3)
+    exported = nn.GraphCell(ms.load(str(tmp_path / "vit.mindir")))(ms.Tensor(x)).asnumpy()
+    assert np.abs(exported - our_logits(finetuned["config"], finetuned["ckpt"], x)).max() < 1e-5
+    # MindSpore 2.10's ONNX exporter has no converter for the exact GELU's Erf.
+    result = vit_dist("export", str(finetuned["config"]), "--ckpt", str(finetuned["ckpt"]), "--format", "onnx",
+                      "--out", str(tmp_path / "vit.onnx"))
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: MindSpore 2.10 cannot export exact GELU")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_ends_with_a_plot_and_plot_redraws_it(finetuned, tmp_path, capsys):
+    with Image.open(finetuned["run"] / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] == 700
+    assert main(["plot", str(finetuned["run"]), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path} has no metrics.jsonl; pass a run directory " \
+                                              "(train.output_dir)"
+
+
+def test_pretrained_of_another_class_count_reinitialises_the_head_and_a_body_mismatch_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    def tiny(classes, size=16):
+        cfg = load_config(None, ["model.variant=ti", "model.patch_size=8", f"data.image_size={size}", "model.depth=1"])
+        return build_model(cfg, classes)
+
+    source = {p.name: p.asnumpy() for p in tiny(5).get_parameters()}
+    save_file(source, str(tmp_path / "five.safetensors"))
+    net, lines = tiny(3), []
+    fresh_head = net.head.weight.asnumpy()
+    checkpoint.load_pretrained(net, tmp_path / "five.safetensors", lines.append)
+    assert lines == [f"pretrained {tmp_path / 'five.safetensors'}: loaded 22 of 24 tensors; re-initialised for another "
+                     "class count: ['head.bias', 'head.weight']; missing (initialised fresh): none; "
+                     "unexpected (ignored): none"]
+    assert np.array_equal(net.head.weight.asnumpy(), fresh_head)
+    assert all(np.array_equal(p.asnumpy(), source[p.name]) for p in net.get_parameters() if "head" not in p.name)
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit model\.\*: pos_embed \(1, 5, 192\) vs "
+                                                         r"\(1, 10, 192\); .*--image-size"):
+        checkpoint.load_pretrained(tiny(5, size=24), tmp_path / "five.safetensors", lines.append)

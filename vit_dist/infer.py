@@ -1,0 +1,120 @@
+"""Top-k predictions for image files, without a dataset: the eval transform, the model, a softmax.
+
+Class names come from a classes.json next to the checkpoint (import-weights writes one when the
+source names its classes), else from the run that wrote it (RUN_DIR/checkpoints/x -> RUN_DIR);
+without one, classes are their indices.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vit_dist.config import Config, ConfigError
+from vit_dist.data import is_image
+
+CLASSES_FILE = "classes.json"
+
+
+def find_images(path: str | Path) -> list[Path]:
+    """The image itself, or every image under a folder (recursively, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"--images {path} does not exist; pass an image file or a folder of images")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
+    if not images:
+        raise ConfigError(f"--images {path} holds no .jpg/.jpeg/.png/.bmp/.tif images")
+    return images
+
+
+def class_names(checkpoint: str | Path, num_classes: int) -> list[str]:
+    for folder in (Path(checkpoint).parent, Path(checkpoint).parent.parent):
+        path = folder / CLASSES_FILE
+        if path.is_file():
+            names = json.loads(path.read_text())
+            if isinstance(names, list) and len(names) == num_classes:
+                return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def preprocess(paths: list[Path], cfg: Config) -> np.ndarray:
+    """(N, 3, H, W) float32 through the eval transform training used (decode, resize, crop, normalise)."""
+    import mindspore.dataset.transforms as transforms
+
+    from vit_dist.data import eval_transforms
+
+    pipeline = transforms.Compose(eval_transforms(cfg.data))
+    batch = []
+    for path in paths:
+        try:
+            batch.append(pipeline(np.fromfile(path, np.uint8)))
+        except RuntimeError:
+            raise ConfigError(f"cannot decode image {path}; remove it or pass other --images") from None
+    return np.stack(batch)
+
+
+def predict(net, paths: list[Path], cfg: Config, batch_size: int, names: list[str], topk: int) -> list[dict]:
+    """[{"image": path, "topk": [{"class", "index", "prob"}, ...]}, ...] in the order of paths."""
+    import mindspore as ms
+
+    net.set_train(False)
+    k = min(topk, len(names))
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = preprocess(chunk, cfg)
+        # Padded to the compiled batch shape, as in evaluation, so one graph serves every batch.
+        padded = np.concatenate([images, np.zeros((batch_size - len(chunk), *images.shape[1:]), images.dtype)])
+        logits = net(ms.Tensor(padded)).asnumpy()[:len(chunk)].astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        for path, row in zip(chunk, probs):
+            top = np.argsort(-row, kind="stable")[:k]
+            results.append({"image": str(path),
+                            "topk": [{"class": names[i], "index": int(i), "prob": float(row[i])} for i in top]})
+    return results
+
+
+def format_prediction(prediction: dict) -> str:
+    return f"{prediction['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in prediction["topk"])
+
+
+def write_predictions(predictions: list[dict], out: str | Path) -> None:
+    """JSON (a list of predictions) for .json, else CSV with one row per image and rank."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".json":
+            out.write_text(json.dumps(predictions, indent=1) + "\n")
+            return
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "rank", "class", "index", "prob"])
+            for prediction in predictions:
+                for rank, top in enumerate(prediction["topk"], 1):
+                    writer.writerow([prediction["image"], rank, top["class"], top["index"], f"{top['prob']:.6g}"])
+    except OSError as err:
+        raise ConfigError(f"cannot write --out {out}: {err.strerror}; choose a writable path") from None
+
+
+def run_inference(cfg: Config, checkpoint_path: str | Path, images: str | Path, topk: int,
+                  out: Optional[str | Path]) -> list[dict]:
+    from vit_dist import checkpoint
+    from vit_dist.models import build_model
+
+    if topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {topk}")
+    paths = find_images(images)
+    num_classes = cfg.model.num_classes or checkpoint.head_classes(checkpoint_path)
+    net = build_model(cfg, num_classes)
+    checkpoint.load_weights(net, checkpoint_path)
+    predictions = predict(net, paths, cfg, min(cfg.train.eval_batch, len(paths)),
+                          class_names(checkpoint_path, num_classes), topk)
+    if out:
+        write_predictions(predictions, out)
+    return predictions
