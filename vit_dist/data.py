@@ -43,6 +43,11 @@ class Split:
         return [i for i in range(len(self.files)) if i not in excluded]
 
 
+def is_image(path: Path) -> bool:
+    """A file a user means as an image (any case of extension, not hidden), e.g. for inference."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
 def has_image_extension(name: str) -> bool:
     return Path(name).suffix in READ_EXTENSIONS
 
