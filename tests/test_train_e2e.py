@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist, worst_relative_difference
+from conftest import last_checkpoint, load_params, mpirun, msrun, ok, tiny_config, vit_dist, worst_relative_difference
 
 EXACT = {"data": {"augment": False, "shuffle": False}, "train": {"eval_batch_size": 2}}
 
@@ -80,12 +80,18 @@ def test_same_config_and_seed_give_the_same_loss_curve(tiny_data, tmp_path):
     assert len(curves[0]) == 6 and curves[0] == curves[1]
 
 
-def test_bad_config_fails_in_seconds_under_msrun_with_one_line(tiny_data, tmp_path):
+@pytest.mark.parametrize("launcher", [msrun, mpirun])
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "{config}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("data.image_size=18", "data.image_size 18 is not divisible by model.patch_size 4; use an image size that is "
+                           "a multiple of 4"),
+])
+def test_bad_config_fails_in_seconds_under_a_launcher_with_one_line(tiny_data, tmp_path, launcher, override, message):
     config = tiny_config(tmp_path / "c.yaml", tiny_data)
     started = time.monotonic()
-    result = msrun("-n", "2", str(config), "--set", "train.epoch=3", f"train.output_dir={tmp_path / 'run'}")
+    result = launcher("-n", "2", str(config), "--set", override, f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {config}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
+    assert result.stderr.strip() == "error: " + message.format(config=config)
     assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
 
 
