@@ -77,6 +77,7 @@ def test_shuffled_shards_stay_disjoint_and_reshuffle_each_epoch(tiny_data):
 @pytest.mark.parametrize("mode, suffix, kwargs", [
     ("L", ".png", {}), ("RGBA", ".png", {}), ("P", ".png", {}), ("CMYK", ".jpg", {}),
     ("RGB", ".jpg", {"progressive": True}), ("I;16", ".png", {}), ("LA", ".png", {}), ("RGB", ".bmp", {}),
+    ("RGB", ".tif", {"compression": "tiff_lzw"}),
 ])
 def test_any_image_mode_becomes_rgb(tmp_path, mode, suffix, kwargs):
     rgb = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8))
