@@ -73,8 +73,7 @@ def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: i
                               f"space or set train.output_dir elsewhere, then resume with train.resume=auto: "
                               f"the previous checkpoints are intact") from None
     for old in sorted(path.parent.glob(f"step_*{SUFFIX}"))[:-keep_last]:
-        old.unlink()
-        manifest_path(old).unlink(missing_ok=True)
+        _remove(old)
     return path
 
 
@@ -118,9 +117,13 @@ def keep_best(run_dir: Path, path: Path, top1: float) -> Path:
                               "resume with train.resume=auto") from None
     for old in checkpoint_dir(run_dir).glob(f"best_step_*{SUFFIX}"):
         if old != best:
-            old.unlink()
-            manifest_path(old).unlink(missing_ok=True)
+            _remove(old)
     return best
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+    manifest_path(path).unlink(missing_ok=True)
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from vit_dist import runtime
 from vit_dist.checkpoint import CheckpointError
 from vit_dist.config import Config, ConfigError, check_compile_cache, compile_cache_dir, load_config
-from vit_dist.metrics import RunRecord, read_data_check
+from vit_dist.metrics import CLASSES_FILE, RunRecord, read_data_check
 
 EXIT_USER_ERROR = 2
 
@@ -300,8 +300,8 @@ def cmd_import_weights(args) -> int:
     weights.report(imported, lambda line: print(line, file=sys.stderr))
     print(f"{weights.describe(imported)}; wrote {len(imported.params)} tensors to {out}")
     if imported.classes:  # where infer looks first
-        (out.parent / "classes.json").write_text(json.dumps(imported.classes) + "\n")
-        print(f"wrote the source's {len(imported.classes)} class names to {out.parent / 'classes.json'}")
+        (out.parent / CLASSES_FILE).write_text(json.dumps(imported.classes) + "\n")
+        print(f"wrote the source's {len(imported.classes)} class names to {out.parent / CLASSES_FILE}")
     if args.config_out:
         Path(args.config_out).write_text(text)
         print(f"wrote {args.config_out}")

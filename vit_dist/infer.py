@@ -15,8 +15,7 @@ import numpy as np
 
 from vit_dist.config import Config, ConfigError
 from vit_dist.data import is_image
-
-CLASSES_FILE = "classes.json"
+from vit_dist.metrics import CLASSES_FILE
 
 
 def find_images(path: str | Path) -> list[Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from vit_dist.config import Config, dump_yaml
 
 DATA_CHECK_FILE = "data_check.json"
+CLASSES_FILE = "classes.json"  # class names in index order: written by training and import-weights, read by infer
 
 
 def format_duration(seconds: float) -> str:
@@ -49,7 +50,7 @@ class RunRecord:
     def write_classes(self, classes: dict[str, int]) -> None:
         """The class names in index order, so that inference can name predictions without the dataset."""
         if self.is_main:
-            (self.run_dir / "classes.json").write_text(json.dumps(sorted(classes, key=classes.get)) + "\n")
+            (self.run_dir / CLASSES_FILE).write_text(json.dumps(sorted(classes, key=classes.get)) + "\n")
 
     def log(self, record: dict, line: str) -> None:
         """Prints the line and appends the record to metrics.jsonl."""

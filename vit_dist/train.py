@@ -168,7 +168,8 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
     global_batch = layout.global_batch
     saves = placement.is_main or layout.semi_auto  # semi_auto: every rank holds slices of its own
     slice_rank = placement.rank if layout.semi_auto else None
-    progress = _resume(cfg, run_dir, record, net, optimizer, scaler, config_digest(cfg))
+    digest = config_digest(cfg)
+    progress = _resume(cfg, run_dir, record, net, optimizer, scaler, digest)
     left_out = len(train_split.bad) + len(val_split.bad)
     record.say(f"training {total_steps} steps ({steps_per_epoch} per epoch, global batch {global_batch}) "
                f"on {placement.world_size} rank(s); run directory {run_dir}"
@@ -186,7 +187,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
 
     def save() -> Path:
         return checkpoint.save(run_dir, net, optimizer, scaler, Progress(step, epoch, skipped),
-                               cfg.checkpoint.keep_last, config_digest(cfg), slice_rank)
+                               cfg.checkpoint.keep_last, digest, slice_rank)
 
     step, skipped, saved, first_step = progress.step, progress.skipped_steps, None, progress.step
     # The pipeline skips the batches already consumed and keeps each epoch's shuffle order.
