@@ -60,3 +60,54 @@ def test_drop_path_drops_whole_samples_in_training_only():
     assert (per_sample == per_sample[:, :1]).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
     drop.set_train(False)
     assert (drop(x).asnumpy() == 1.0).all()
+
+
+def straightforward_logits(net, images):
+    """The ViT as first written: Conv2D patch embedding, nn.Dense-style BiasAdd layers, exact GELU
+    with its division, MindSpore's functional ops in PyNative, on the network's own weights."""
+    import math
+
+    from mindspore import ops
+
+    p = {param.name: param for param in net.get_parameters()}
+
+    def dense(x, name):  # as nn.Dense: rows of the flattened input
+        rows = ops.bias_add(ops.matmul(x.reshape(-1, x.shape[-1]), p[name + ".weight"].T), p[name + ".bias"])
+        return rows.reshape(x.shape[:-1] + (-1,))
+
+    def norm(x, name):
+        return ops.LayerNorm(-1, -1, net.spec.layer_norm_eps)(x, p[name + ".gamma"], p[name + ".beta"])[0]
+
+    patch = net.spec.patch_size
+    x = ops.bias_add(ops.conv2d(images, p["patch_embed.proj.weight"], stride=patch), p["patch_embed.proj.bias"])
+    b, d = x.shape[:2]
+    x = x.reshape(b, d, -1).transpose(0, 2, 1)
+    x = ops.concat((ops.broadcast_to(p["cls_token"], (b, -1, -1)), x), 1) + p["pos_embed"]
+    heads = net.spec.num_heads
+    for i in range(net.spec.depth):
+        prefix = f"blocks.{i}"
+        h = norm(x, prefix + ".norm1")
+        q, k, v = (dense(h, f"{prefix}.attn.{n}").reshape(b, -1, heads, d // heads).transpose(0, 2, 1, 3)
+                   for n in ("query", "key", "value"))
+        weights = ops.softmax(ops.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(d // heads), axis=-1)
+        x = x + dense(ops.matmul(weights, v).transpose(0, 2, 1, 3).reshape(b, -1, d), prefix + ".attn.out")
+        h = dense(norm(x, prefix + ".norm2"), prefix + ".mlp.fc1")
+        x = x + dense(h * 0.5 * (1 + ops.erf(h / math.sqrt(2))), prefix + ".mlp.fc2")
+    return dense(norm(x, "norm")[:, 0], "head").asnumpy()
+
+
+def test_logits_equal_the_straightforward_computation_within_1e_5():
+    """The speed-ups (patch embedding as one matmul, bias by Add, GELU by multiplication) keep the
+    mathematics: same weights, same logits. Weights drawn wide so the logits are O(1)."""
+    import mindspore as ms
+
+    net = build_model(load_config(None, ["model.variant=ti", "model.patch_size=8", "data.image_size=32",
+                                         "model.depth=2"]), 10)
+    rng = np.random.default_rng(0)
+    for param in net.get_parameters():
+        param.set_data(ms.Tensor(rng.normal(0, 0.25, param.shape).astype(np.float32)))
+    net.set_train(False)
+    images = ms.Tensor(rng.standard_normal((4, 3, 32, 32)).astype(np.float32))
+    want = straightforward_logits(net, images)
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_allclose(net(images).asnumpy(), want, rtol=0, atol=1e-5)

@@ -66,7 +66,7 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_is_counted(tiny_data, t
     trained = next(r["step"] for r in records[1:] if r["overflows"] == 0)
     old, new = _state(run, trained - 1), _state(run, trained)
     assert not np.array_equal(old["head.weight"], new["head.weight"])
-    assert new["state_step"] == old["state_step"] + 1
+    assert new["adamw.step"] == old["adamw.step"] + 1
 
 
 def test_the_dynamic_scale_grows_after_each_window_of_finite_steps(tiny_data, tmp_path):
@@ -89,18 +89,20 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
     ok(vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}"))
     cfg = load_config(config)
     net = apply_mixed_precision(build_model(cfg, 3), cfg.precision)
-    optimizer, scaler = build_optimizer(net, cfg.train), build_loss_scaler(cfg.precision)
+    optimizer, scaler = build_optimizer(net, cfg.train, flat=True), build_loss_scaler(cfg.precision)
     path = last_checkpoint(tmp_path / "run")
     assert checkpoint.restore(path, net, optimizer, scaler) == checkpoint.Progress(step=6, epoch=1, skipped_steps=0)
     saved = load_params(path)
     assert float(scaler.scale_value.asnumpy()) == saved["loss_scaler.scale_value"] == 8.0
     params = {p.name: p for p in net.get_parameters()}
     assert np.array_equal(params["head.weight"].asnumpy(), saved["head.weight"])
-    moment = next(p for p in optimizer.parameters_and_names() if p[0].startswith("exp_avg."))[1]
+    moment = optimizer.exp_avg[0]
     assert np.array_equal(moment.asnumpy(), saved[moment.name])
 
 
 def test_fixed_scale_without_overflow_matches_unscaled_o2(tiny_data, tmp_path):
+    """Six float16 steps with and without a 1024 scale differ only by float16 rounding: at most 0.75%
+    (relative norm, attn.query.bias) with BiasAdd layers, 1.08% (norm2.beta) with the Add ones."""
     runs = {}
     for name, precision in [("plain", {"loss_scale": "none"}), ("fixed", {"loss_scale": "fixed",
                                                                           "loss_scale_value": 1024.0})]:
@@ -110,9 +112,9 @@ def test_fixed_scale_without_overflow_matches_unscaled_o2(tiny_data, tmp_path):
     assert all(r["overflows"] == 0 for r in _records(runs["fixed"]))
     plain, fixed = load_params(last_checkpoint(runs["plain"])), load_params(last_checkpoint(runs["fixed"]))
     for name in plain:
-        if name.startswith(("exp_avg", "blocks")) and "attn.key.bias" not in name or name == "head.weight":
+        if name.startswith(("adamw.exp_avg", "blocks")) and "attn.key.bias" not in name or name == "head.weight":
             diff = np.linalg.norm(plain[name] - fixed[name]) / max(np.linalg.norm(plain[name]), 1e-12)
-            assert diff < 1e-2, (name, diff)
+            assert diff < 2e-2, (name, diff)
     losses = [[r["loss"] for r in _records(run)] for run in runs.values()]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
 
@@ -122,6 +124,7 @@ def test_o2_keeps_layernorm_and_softmax_in_float32_and_o3_casts_everything(level
     from mindspore import nn
 
     from vit_dist.models import build_model
+    from vit_dist.models.vit import Linear
     from vit_dist.precision import apply_mixed_precision
 
     cfg = load_config(None, ["model.variant=ti", "model.depth=1", "data.image_size=32", f"precision.amp_level={level}",
@@ -129,8 +132,8 @@ def test_o2_keeps_layernorm_and_softmax_in_float32_and_o3_casts_everything(level
     net = apply_mixed_precision(build_model(cfg, 3), cfg.precision)
     cells = [cell for _, cell in net.cells_and_names()]
     kept = [c for c in cells if isinstance(c, (nn.LayerNorm, nn.Softmax))]
-    dense = [c for c in cells if isinstance(c, nn.Dense)]
-    assert len(kept) == 4 and len(dense) == 7
+    dense = [c for c in cells if isinstance(c, Linear)]
+    assert len(kept) == 4 and len(dense) == 8
     assert all(c.get_flags().get(norm_and_softmax) for c in kept)
     assert all(c.get_flags().get("fp16") for c in dense)
 

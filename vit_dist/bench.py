@@ -17,7 +17,7 @@ from vit_dist.config import Config
 from vit_dist.models import vit_spec
 from vit_dist.models.vit import forward_flops
 from vit_dist.parallel.data_parallel import all_reduce_sum
-from vit_dist.runtime import Placement
+from vit_dist.runtime import Placement, yield_cores_to_kernels
 
 # Distinct synthetic batches cycled through, so no step reuses the previous step's input buffer.
 SYNTHETIC_BATCHES = 2
@@ -64,14 +64,16 @@ def synthetic_batches(cfg: Config, count: int = SYNTHETIC_BATCHES) -> list:
              ms.Tensor(rng.integers(0, cfg.model.num_classes, batch, np.int32))) for _ in range(count)]
 
 
-def time_steps(train_step, batches: list, lr, steps: int, warmup: int) -> dict:
-    """Runs 1 + warmup + steps steps, each read back to the host (so each one's time is its own);
-    returns the first step's time and the timed steps' data-wait and compute times."""
+def time_steps(train_step, batches: list, lr, steps: int, warmup: int, device_target: str) -> dict:
+    """Runs 1 + warmup + steps steps, each read back to the host (so each one's time is its own), as
+    training runs them (runtime.yield_cores_to_kernels after the first); returns the first step's
+    time and the timed steps' data-wait and compute times."""
     source = itertools.cycle(batches)
     started = time.perf_counter()
     images, labels = next(source)
     train_step(images, labels, lr)[0].asnumpy()
     first = time.perf_counter() - started
+    yield_cores_to_kernels(device_target)
     for _ in range(warmup):
         images, labels = next(source)
         train_step(images, labels, lr)[0].asnumpy()
@@ -141,11 +143,12 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     ms.set_seed(cfg.train.seed)
     net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes), cfg.precision)
     net.set_train(True)
-    optimizer = build_optimizer(net, cfg.train)
-    train_step = make_train_step(net, optimizer, gradient_reducer(optimizer.parameters, placement),
+    optimizer = build_optimizer(net, cfg.train, flat=True)
+    train_step = make_train_step(net, optimizer, gradient_reducer(placement),
                                  cfg.train.label_smoothing, cfg.train.grad_clip_norm,
                                  build_loss_scaler(cfg.precision), cfg.precision.min_loss_scale)
-    times = time_steps(train_step, synthetic_batches(cfg), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup)
+    times = time_steps(train_step, synthetic_batches(cfg), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup,
+                       cfg.parallel.device_target)
     # Measured after the steps, so the peak is taken on the same (possibly shared) machine state.
     peak = peak_gflops or matmul_peak_gflops()
     return summarize(cfg, placement, times, peak)

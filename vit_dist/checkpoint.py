@@ -10,9 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIX = ".safetensors"
-# Optimizer entries not worth saving: the learning rate is set from the schedule every step, and
-# the amsgrad buffer is never used (amsgrad is off).
-NOT_SAVED_PREFIXES = ("learning_rate", "max_exp_avg_sq")
 
 
 class CheckpointError(RuntimeError):
@@ -41,11 +38,7 @@ def training_state(net, optimizer, scaler) -> dict:
     """Model parameters, optimizer state (moments, step count) and the loss scaler's state, by name."""
     from vit_dist.precision import scaler_state
 
-    state = {p.name: p for p in net.get_parameters()}
-    for _, param in optimizer.parameters_and_names():
-        if param.name not in state and not param.name.startswith(NOT_SAVED_PREFIXES):
-            state[param.name] = param
-    return {**state, **scaler_state(scaler)}
+    return {**{p.name: p for p in net.get_parameters()}, **optimizer.checkpoint_state(), **scaler_state(scaler)}
 
 
 def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: int, config_digest: str,

@@ -156,6 +156,16 @@ def cpu_threads(threads_per_rank: int, local_world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_world_size)
 
 
+def yield_cores_to_kernels(device_target: str) -> None:
+    """On the CPU backend, puts the calling thread in SCHED_IDLE. MindSpore's Python thread busy-waits
+    while the kernel threads run a step (in the runtime pipeline's queue wait), taking a core from them;
+    at idle priority it runs only on a core they leave free, and a step takes about a third less time.
+    Call it once kernel threads exist (after the first step): threads and processes started later
+    inherit the policy, and an unprivileged thread cannot leave it. No-op off Linux and elsewhere."""
+    if device_target == "CPU" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def enable_compile_cache(path: str) -> None:
     """MindSpore saves each compiled graph under path (a folder per rank) and a later launch of the
     same code and config loads it instead of compiling. Read when a graph compiles, so it is set in

@@ -15,18 +15,19 @@ from vit_dist.config import Config, config_digest
 from vit_dist.evaluate import evaluate
 from vit_dist.metrics import RunRecord, format_eval_line, format_train_line
 from vit_dist.models import build_model
-from vit_dist.optim import build_optimizer, lr_schedule, set_learning_rate
+from vit_dist.optim import build_optimizer, lr_schedule
 from vit_dist.parallel.data_parallel import all_reduce_sum, gradient_reducer
 from vit_dist.parallel.checkpoint_merge import merge, strategy_file
 from vit_dist.parallel.layout import RankLayout
 from vit_dist.precision import apply_mixed_precision, build_loss_scaler
-from vit_dist.runtime import Placement
+from vit_dist.runtime import Placement, yield_cores_to_kernels
 
 
 def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float,
                     scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1):
-    """train_step(images, labels, lr) -> (loss, finite), one graph: loss -> gradients -> mean over
-    ranks -> (unscale, overflow check) -> clip by global norm -> AdamW at the given learning rate.
+    """train_step(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
+    optimizer lays them out) -> mean over ranks -> (unscale, overflow check) -> clip by global norm
+    -> AdamW at the given learning rate.
     With a loss scaler, a step whose gradients are not finite leaves parameters and optimizer state
     untouched; every rank sees the same reduced gradients, so every rank decides alike. With
     accumulation k the batch holds k micro-batches whose gradients are averaged before the update."""
@@ -41,8 +42,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
     def update(grads, lr):
         if clip_norm > 0:
             grads = ops.clip_by_global_norm(grads, clip_norm)
-        set_learning_rate(optimizer, lr)
-        return optimizer(grads)
+        return optimizer.update(grads, lr)
 
     if scaler is None:
         grad_fn = ms.value_and_grad(loss_of, None, optimizer.parameters)
@@ -51,7 +51,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         @ms.jit
         def train_step(images, labels, lr):
             loss, grads = loss_and_grads(images, labels)
-            loss = ops.depend(loss, update(reduce_gradients(grads), lr))
+            loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
             return loss, ops.ones((), ms.bool_)
 
         return train_step
@@ -71,7 +71,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
     @ms.jit
     def scaled_train_step(images, labels, lr):
         loss, grads = loss_and_grads(images, labels)
-        grads = scaler.unscale(reduce_gradients(grads))
+        grads = scaler.unscale(reduce_gradients(optimizer.pack(grads)))
         finite = amp.all_finite(grads)
         if finite:
             update(grads, lr)
@@ -151,9 +151,9 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
     net = apply_mixed_precision(net, cfg.precision)
     net.set_train(True)
     learning_rates = lr_schedule(cfg.train, steps_per_epoch)
-    optimizer = build_optimizer(net, cfg.train)
+    optimizer = build_optimizer(net, cfg.train, flat=not layout.semi_auto)
     scaler = build_loss_scaler(cfg.precision)
-    reduce_gradients = gradient_reducer(optimizer.parameters, placement)
+    reduce_gradients = gradient_reducer(placement)
     if layout.semi_auto:  # its graph sees the global batch
         reduce_gradients = semi_auto.reduced_by_mindspore
     train_step = make_train_step(net, optimizer, reduce_gradients, cfg.train.label_smoothing,
@@ -209,6 +209,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
             step += 1
             if step == first_step + 1:
                 record.say(f"first step (graph compile included) took {time.perf_counter() - interval.started:.1f}s")
+                yield_cores_to_kernels(cfg.parallel.device_target)
                 interval.started, interval.data_wait, interval.untimed_steps = time.perf_counter(), 0.0, 1
             if step % cfg.train.log_interval == 0 or step == total_steps:
                 skipped += _log_interval(record, interval, placement, step, epoch, total_steps,

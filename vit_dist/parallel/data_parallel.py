@@ -8,13 +8,21 @@ import numpy as np
 from vit_dist.runtime import Placement
 
 
-def gradient_reducer(parameters, placement: Placement) -> Callable:
-    """Averages gradients over all ranks (identity on one device). Call inside the jitted step."""
+def gradient_reducer(placement: Placement) -> Callable:
+    """Averages a tuple of gradients over all ranks, one all-reduce per tensor (identity on one
+    device): given the optimizer's flat gradients, one all-reduce per weight-decay group. Call inside
+    the jitted step."""
     if not placement.distributed:
         return lambda grads: grads
-    from mindspore import nn
+    from mindspore import ops
 
-    return nn.DistributedGradReducer(parameters, mean=True, degree=placement.world_size)
+    all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+    world_size = placement.world_size
+
+    def mean_over_ranks(grads):
+        return tuple(all_reduce(g) / world_size for g in grads)
+
+    return mean_over_ranks
 
 
 def all_reduce_sum(values, placement: Placement) -> np.ndarray:

@@ -5,25 +5,22 @@ cells at the contract paths (`blocks.N.attn.query`, ...). Device matrix (dp, mp)
 batch x tokens) axis splits over dp, heads and hidden units over mp. Ops given no strategy (reshapes,
 residual adds, the attention scale) take MindSpore's default data-parallel one.
 
-nn.Dense holds its weight as (out, in) and multiplies with transpose_b, so strategies name the
-weight's axes in that order: column-parallel splits `out` ((dp,1),(mp,1)), row-parallel splits `in`
+The model's Linear holds its weight as (out, in) and multiplies with transpose_b, as nn.Dense does,
+so strategies name the weight's axes in that order: column-parallel splits `out` ((dp,1),(mp,1)), row-parallel splits `in`
 ((dp,mp),(1,mp)) and MindSpore all-reduces the partial sums over mp.
 
 MindSpore 2.10 runs this only on Ascend/GPU; config.validate refuses semi_auto elsewhere.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import mindspore as ms
-from mindspore import Tensor, nn, ops
-
 from vit_dist.config import ParallelConfig
+from vit_dist.models.vit import GELU
 
 
 def dense_strategies(layout: str, dp: int, mp: int) -> dict[str, tuple]:
-    """Strategies of nn.Dense's matmul and bias_add (2-D: Dense flattens batch x tokens)."""
+    """Strategies of Linear's matmul and bias_add (2-D: Linear flattens batch x tokens)."""
     return {
         "column": {"matmul": ((dp, 1), (mp, 1)), "bias_add": ((dp, mp), (mp,))},
         "row": {"matmul": ((dp, mp), (1, mp)), "bias_add": ((dp, 1), (1,))},
@@ -51,7 +48,7 @@ def block_strategies(dp: int, mp: int) -> dict[str, dict[str, tuple]]:
 
 
 def gelu_strategies(hidden: tuple) -> dict[str, tuple]:
-    """ShardableGELU's primitives: the activation's layout throughout, the scalars replicated."""
+    """The exact GELU's primitives: the activation's layout throughout, the scalars replicated."""
     return {"scale_in": (hidden, ()), "erf": (hidden,), "add_one": (hidden, ()), "mul": (hidden, hidden),
             "half": (hidden, ())}
 
@@ -59,7 +56,7 @@ def gelu_strategies(hidden: tuple) -> dict[str, tuple]:
 def model_strategies(depth: int, dp: int, mp: int, head: str) -> dict[str, dict[str, tuple]]:
     """Every cell path of the ViT that gets strategies -> {primitive attribute: strategy}."""
     plan = {
-        "patch_embed.proj": {"conv2d": ((dp, 1, 1, 1), (1, 1, 1, 1)), "bias_add": ((dp, 1, 1, 1), (1,))},
+        "patch_embed.proj": dense_strategies("data", dp, mp),
         "norm": {"layer_norm": ((dp, 1, 1), (1,), (1,))},
         "head": dense_strategies("column" if head == "model" else "data", dp, mp),
     }
@@ -68,35 +65,14 @@ def model_strategies(depth: int, dp: int, mp: int, head: str) -> dict[str, dict[
     return plan
 
 
-class ShardableGELU(nn.Cell):
-    """Exact GELU, x/2 * (1 + erf(x/sqrt 2)) as nn.GELU(approximate=False), from primitives of its own:
-    nn.GELU calls functional ops shared by the whole program, which cannot carry one layer's strategy
-    (and ops.GeLU is the tanh approximation, which would change the numbers against data mode)."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale_in = ops.Mul()
-        self.erf = ops.Erf()
-        self.add_one = ops.Add()
-        self.mul = ops.Mul()
-        self.half = ops.Mul()
-        self.inv_sqrt2 = Tensor(1.0 / math.sqrt(2.0), ms.float32)
-        self.one = Tensor(1.0, ms.float32)
-        self.one_half = Tensor(0.5, ms.float32)
-
-    def construct(self, x):
-        dtype = x.dtype
-        cdf = self.add_one(self.erf(self.scale_in(x, self.inv_sqrt2.astype(dtype))), self.one.astype(dtype))
-        return self.half(self.mul(x, cdf), self.one_half.astype(dtype))
-
-
 def apply_strategies(net, dp: int, mp: int, head: str = "data"):
-    """Sets the (dp, mp) strategies on a built VisionTransformer in place and returns it. The MLP's
-    nn.GELU (no primitive to shard) is replaced by ShardableGELU, which holds no parameters."""
-    for block in net.blocks:
-        block.mlp.act = ShardableGELU()
+    """Sets the (dp, mp) strategies on a built VisionTransformer in place and returns it. The tanh
+    GELU (model.gelu_approximate) is nn.GELU, with no primitive of its own to carry one: MindSpore
+    gives it the default data-parallel strategy."""
     cells = dict(net.cells_and_names())
     for path, prims in model_strategies(len(net.blocks), dp, mp, head).items():
+        if path.endswith("mlp.act") and not isinstance(cells[path], GELU):
+            continue
         for attr, strategy in prims.items():
             getattr(cells[path], attr).shard(strategy)
     return net
