@@ -10,6 +10,7 @@ import itertools
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -134,6 +135,8 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     """The training step vit-dist trains with (train.make_train_step), on synthetic batches."""
     import mindspore as ms
 
+    from vit_dist.cpu_kernels import apply_fused_cpu_kernels
+    from vit_dist.metrics import RunRecord
     from vit_dist.models import build_model
     from vit_dist.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
@@ -142,6 +145,7 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
 
     ms.set_seed(cfg.train.seed)
     net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes), cfg.precision)
+    fused = apply_fused_cpu_kernels(net, cfg, placement.local_world_size, RunRecord(Path(), placement.is_main).say)
     net.set_train(True)
     optimizer = build_optimizer(net, cfg.train, flat=True)
     train_step = make_train_step(net, optimizer, gradient_reducer(placement),
@@ -151,7 +155,7 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
                        cfg.parallel.device_target)
     # Measured after the steps, so the peak is taken on the same (possibly shared) machine state.
     peak = peak_gflops or matmul_peak_gflops()
-    return summarize(cfg, placement, times, peak)
+    return {**summarize(cfg, placement, times, peak), "fused_cpu_kernels": fused}
 
 
 def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:

@@ -113,6 +113,7 @@ class ParallelConfig:
     head: str = "data"  # semi_auto: the classifier replicated (data) or its classes split over mp (model)
     device_target: str = "Ascend"
     threads_per_rank: int = 0  # CPU backend kernel threads; 0: cores / ranks on this node
+    fused_cpu_kernels: bool = True  # CPU backend, float32: LayerNorm and GELU as compiled fused kernels (needs g++)
 
 
 @dataclass

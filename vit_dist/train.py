@@ -12,6 +12,7 @@ from pathlib import Path
 from vit_dist import checkpoint, data
 from vit_dist.checkpoint import Progress
 from vit_dist.config import Config, config_digest
+from vit_dist.cpu_kernels import apply_fused_cpu_kernels
 from vit_dist.evaluate import evaluate
 from vit_dist.metrics import RunRecord, format_eval_line, format_train_line
 from vit_dist.models import build_model
@@ -149,6 +150,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
     if cfg.model.pretrained:
         checkpoint.load_pretrained(net, cfg.model.pretrained, record.say)
     net = apply_mixed_precision(net, cfg.precision)
+    apply_fused_cpu_kernels(net, cfg, placement.local_world_size, record.say)
     net.set_train(True)
     learning_rates = lr_schedule(cfg.train, steps_per_epoch)
     optimizer = build_optimizer(net, cfg.train, flat=not layout.semi_auto)
