@@ -11,10 +11,11 @@ TINY = ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.d
 
 
 @pytest.fixture(scope="module")
-def library():
+def library(tmp_path_factory):
+    """Built afresh (not from the per-user cache), so the compile itself is tested."""
     from vit_dist.cpu_kernels import build_library
 
-    path = build_library()
+    path = build_library(cache_dir=tmp_path_factory.mktemp("kernels"))
     assert path is not None, "g++ is needed to build vit_dist/cpu_kernels.cc"
     return path
 
@@ -97,5 +98,9 @@ def test_only_float32_cpu_training_is_fused_and_a_missing_compiler_falls_back(tm
     for overrides in (["precision.amp_level=O2"], ["parallel.device_target=Ascend"], ["parallel.fused_cpu_kernels=false"]):
         cfg = load_config(None, TINY + overrides)
         assert apply_fused_cpu_kernels(build_model(cfg, 4), cfg, 1, print) is False
-    assert build_library(compiler="no-such-compiler", cache_dir=tmp_path) is None
-    assert list(tmp_path.iterdir()) == []
+    assert build_library(compiler="no-such-compiler", cache_dir=tmp_path / "own") is None
+    assert list((tmp_path / "own").iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # writable by anyone: another user could swap the library
+    assert build_library(cache_dir=shared) is None and list(shared.iterdir()) == []

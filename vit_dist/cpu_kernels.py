@@ -37,13 +37,16 @@ COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread", "-lm"]
 def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Optional[Path]:
     """Compiles cpu_kernels.cc once per source, compiler and host (-march=native) into cache_dir (a
     per-user folder under the temporary directory by default) and returns the library, or None if
-    no build succeeds. Concurrent ranks each write a temporary file and rename it into place."""
+    no build succeeds or the folder is not private to this user. Concurrent ranks each write a
+    temporary file and rename it into place."""
     key = hashlib.sha256(SOURCE.read_bytes() + f"{compiler} {BUILDS} {platform.node()}".encode()).hexdigest()[:16]
     folder = cache_dir or Path(tempfile.gettempdir()) / f"vit-dist-kernels-{os.getuid()}"
     library = folder / f"cpu_kernels-{key}.so"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _private(folder) or (library.exists() and not _private(library)):
+        return None
     if library.is_file():
         return library
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = library.with_suffix(f".{os.getpid()}.tmp")
     for flags in BUILDS:
         try:
@@ -52,10 +55,18 @@ def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Op
         except (OSError, subprocess.TimeoutExpired):
             built = False
         if built:
+            tmp.chmod(0o700)
             os.replace(tmp, library)
             return library
     tmp.unlink(missing_ok=True)
     return None
+
+
+def _private(path: Path) -> bool:
+    """Ours and writable by no one else: a library loaded into the process must not be replaceable
+    by another user (the temporary directory is shared)."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def custom_ops(library: Path, threads: int) -> dict:
