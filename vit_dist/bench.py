@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -90,11 +89,6 @@ def time_steps(train_step, batches: list, lr, steps: int, warmup: int, device_ta
     return {"first": first, "waits": waits, "computes": computes}
 
 
-def _say(message: str, placement: Placement) -> None:
-    if placement.is_main:
-        print(message, file=sys.stderr, flush=True)
-
-
 def peak_memory_mib(device_target: str) -> float:
     """Peak resident memory of this process on the CPU backend; the device allocator's peak elsewhere."""
     if device_target == "CPU":
@@ -141,6 +135,7 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     import mindspore as ms
 
     from vit_dist.cpu_kernels import apply_fused_cpu_kernels
+    from vit_dist.metrics import say
     from vit_dist.models import build_model
     from vit_dist.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
@@ -149,7 +144,7 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
 
     ms.set_seed(cfg.train.seed)
     net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes), cfg.precision)
-    fused = apply_fused_cpu_kernels(net, cfg, placement.local_world_size, lambda message: _say(message, placement))
+    fused = apply_fused_cpu_kernels(net, cfg, placement.local_world_size, lambda message: say(message, placement.is_main))
     net.set_train(True)
     optimizer = build_optimizer(net, cfg.train, flat=True)
     train_step = make_train_step(net, optimizer, gradient_reducer(placement),

@@ -31,7 +31,7 @@ BUILDS = (
     ["-O3", "-march=native", "-ffast-math", "-Wl,--no-undefined", "-lmvec"],
     ["-O3", "-march=native", "-Wl,--no-undefined"],
 )
-COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread", "-lm"]
+COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
 def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Optional[Path]:
@@ -50,7 +50,7 @@ def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Op
     tmp = library.with_suffix(f".{os.getpid()}.tmp")
     for flags in BUILDS:
         try:
-            built = subprocess.run([compiler, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE), *flags],
+            built = subprocess.run([compiler, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE), *flags, "-lm"],
                                    capture_output=True, timeout=120).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             built = False

@@ -38,6 +38,12 @@ def format_eval_line(record: dict) -> str:
             f"images {record['images']}")
 
 
+def say(message: str, is_main: bool) -> None:
+    """One line on the job's console: rank 0's stderr."""
+    if is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
 class RunRecord:
     def __init__(self, run_dir: Path, is_main: bool):
         self.run_dir = run_dir
@@ -81,8 +87,7 @@ class RunRecord:
             self.say(f"no plot: {err}")
 
     def say(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        say(message, self.is_main)
 
 
 def _finite(record: dict) -> dict:

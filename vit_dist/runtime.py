@@ -161,7 +161,8 @@ def yield_cores_to_kernels(device_target: str) -> None:
     while the kernel threads run a step (in the runtime pipeline's queue wait), taking a core from them;
     at idle priority it runs only on a core they leave free, and a step takes about a third less time.
     Call it once kernel threads exist (after the first step): threads and processes started later
-    inherit the policy, and an unprivileged thread cannot leave it. No-op off Linux and elsewhere."""
+    inherit the policy, and an unprivileged thread cannot leave it. A no-op on other backends and
+    where the OS has no SCHED_IDLE."""
     if device_target == "CPU" and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 

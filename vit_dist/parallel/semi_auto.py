@@ -6,8 +6,8 @@ batch x tokens) axis splits over dp, heads and hidden units over mp. Ops given n
 residual adds, the attention scale) take MindSpore's default data-parallel one.
 
 The model's Linear holds its weight as (out, in) and multiplies with transpose_b, as nn.Dense does,
-so strategies name the weight's axes in that order: column-parallel splits `out` ((dp,1),(mp,1)), row-parallel splits `in`
-((dp,mp),(1,mp)) and MindSpore all-reduces the partial sums over mp.
+so strategies name the weight's axes in that order: column-parallel splits `out` ((dp,1),(mp,1)),
+row-parallel splits `in` ((dp,mp),(1,mp)) and MindSpore all-reduces the partial sums over mp.
 
 MindSpore 2.10 runs this only on Ascend/GPU; config.validate refuses semi_auto elsewhere.
 """
