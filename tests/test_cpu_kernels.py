@@ -1,5 +1,7 @@
 """The fused CPU kernels (vit_dist/cpu_kernels.cc as MindSpore AOT custom ops) against MindSpore's own
 LayerNorm and GELU: same outputs and gradients, the same training, and a clear fallback."""
+import time
+
 import numpy as np
 import pytest
 
@@ -32,30 +34,45 @@ def values_and_grads(net, x, w):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_layer_norm_and_gelu_match_mindspore_forward_and_backward(library, threads):
+@pytest.mark.parametrize("dim,heads,tokens", [(96, 2, 33), (72, 3, 17)])  # head widths 48 and 24 (not whole vectors)
+def test_a_fused_block_matches_mindspores_ops_forward_and_backward(library, threads, dim, heads, tokens):
+    """An encoder block (LayerNorms, attention with q/k/v biases, the MLP with exact GELU) through the
+    fused ops gives MindSpore's outputs and gradients."""
     import mindspore as ms
-    from mindspore import nn
 
-    from vit_dist.cpu_kernels import FusedGELU, FusedLayerNorm, custom_ops, fuse
-    from vit_dist.models.vit import GELU
+    from vit_dist.cpu_kernels import FusedAttention, FusedLayerNorm, FusedMlp, custom_ops, fuse
+    from vit_dist.models.vit import Block, ViTSpec
 
+    spec = ViTSpec(image_size=32, patch_size=8, embed_dim=dim, depth=1, num_heads=heads, mlp_dim=4 * dim,
+                   num_classes=4)
     rng = np.random.default_rng(0)
-    x = ms.Tensor(rng.normal(1.0, 3.0, (4, 33, 96)).astype(np.float32))
-    w = ms.Tensor(rng.standard_normal((4, 33, 96)).astype(np.float32))
-    gamma, beta = rng.normal(1.0, 0.5, 96).astype(np.float32), rng.normal(0.0, 0.5, 96).astype(np.float32)
+    x = ms.Tensor(rng.normal(1.0, 3.0, (4, tokens, dim)).astype(np.float32))
+    w = ms.Tensor(rng.standard_normal((4, tokens, dim)).astype(np.float32))
+    # Biases and norm parameters away from their zero/one initialisation, so each gradient is exercised.
+    values = {}
     results = []
     for fused in (False, True):
-        net = nn.SequentialCell([nn.LayerNorm((96,), epsilon=1e-6), GELU()])
-        net[0].gamma.set_data(ms.Tensor(gamma))
-        net[0].beta.set_data(ms.Tensor(beta))
+        ms.set_seed(0)
+        net = Block(spec, 0.0)
+        for p in net.trainable_params():
+            values.setdefault(p.name, (p.asnumpy() + rng.normal(0.0, 0.5, p.shape)).astype(np.float32))
+            p.set_data(ms.Tensor(values[p.name]))
         names = [p.name for p in net.trainable_params()]
         if fused:
-            assert fuse(net, custom_ops(library, threads)) == 2
-            assert isinstance(net[0], FusedLayerNorm) and isinstance(net[1], FusedGELU)
+            assert fuse(net, custom_ops(library, threads)) == 4
+            assert isinstance(net.norm1, FusedLayerNorm) and isinstance(net.attn, FusedAttention)
+            assert isinstance(net.mlp, FusedMlp)
             assert [p.name for p in net.trainable_params()] == names
-        results.append(values_and_grads(net, x, w))
-    for native, fused in zip(*results):
-        np.testing.assert_allclose(fused, native, rtol=1e-4, atol=1e-4 * np.abs(native).max())
+        results.append(dict(zip(["loss", "x"] + names, values_and_grads(net, x, w))))
+    native, fused = results
+    # Softmax cancels the key bias (it adds one constant to each query's scores): its gradient is zero
+    # but for float rounding, in both.
+    key_bias = "attn.key.bias"
+    for grads in results:
+        assert np.abs(grads[key_bias]).max() < 1e-5 * np.abs(grads["attn.query.bias"]).max() * tokens
+    for name in native.keys() - {key_bias}:
+        np.testing.assert_allclose(fused[name], native[name], rtol=1e-4, atol=1e-4 * np.abs(native[name]).max(),
+                                   err_msg=name)
 
 
 def test_a_fused_train_step_trains_as_mindspores_ops_do(library):
@@ -89,6 +106,48 @@ def test_a_fused_train_step_trains_as_mindspores_ops_do(library):
     # Adam turns float32 rounding in a near-zero gradient into an lr-sized step, so whole tensors compare.
     worst = worst_relative_difference(fused, native)
     assert worst[0] < 1e-4, worst
+
+
+def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_hang(library):
+    """With a StepSignal each call returns after the step's last op ran (the host then sleeps instead of
+    spinning), with the same losses; a step that never signals returns after the timeout."""
+    import ctypes
+
+    import mindspore as ms
+
+    from vit_dist.cpu_kernels import StepSignal
+    from vit_dist.models import build_model
+    from vit_dist.optim import build_optimizer
+    from vit_dist.parallel.data_parallel import gradient_reducer
+    from vit_dist.runtime import Placement
+    from vit_dist.train import make_train_step
+
+    steps_done = ctypes.CDLL(str(library)).vit_dist_steps_done
+    steps_done.restype = ctypes.c_uint64
+    rng = np.random.default_rng(0)
+    images = ms.Tensor(rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    labels = ms.Tensor(rng.integers(0, 4, 8).astype(np.int32))
+    losses = []
+    for signal in (None, StepSignal(library)):
+        cfg = load_config(None, TINY)
+        ms.set_seed(0)
+        net = build_model(cfg, 4)
+        step = make_train_step(net, build_optimizer(net, cfg.train, flat=True),
+                               gradient_reducer(Placement("single", 0, 1, 0, 1)), 0.1, cfg.train.grad_clip_norm,
+                               signal=signal)
+        run = []
+        for _ in range(3):
+            before = steps_done()
+            loss, _ = step(images, labels, ms.Tensor(5e-4, ms.float32))
+            assert steps_done() == before + (signal is not None)  # read before the loss is fetched
+            run.append(float(loss.asnumpy()))
+        losses.append(run)
+    assert losses[1] == losses[0]
+
+    silent = StepSignal(library, first_timeout_s=0.5).paced(lambda: None)
+    started = time.perf_counter()
+    silent()
+    assert 0.5 <= time.perf_counter() - started < 5
 
 
 def test_only_float32_cpu_training_is_fused_and_a_missing_compiler_falls_back(tmp_path):

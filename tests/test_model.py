@@ -96,13 +96,19 @@ def straightforward_logits(net, images):
     return dense(norm(x, "norm")[:, 0], "head").asnumpy()
 
 
-def test_logits_equal_the_straightforward_computation_within_1e_5():
-    """The speed-ups (patch embedding as one matmul, bias by Add, GELU by multiplication) keep the
-    mathematics: same weights, same logits. Weights drawn wide so the logits are O(1)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_logits_equal_the_straightforward_computation_within_1e_5(fused):
+    """The speed-ups (patch embedding as one matmul, bias by Add, GELU by multiplication, and on the CPU
+    backend the fused LayerNorm, bias+GELU and attention kernels) keep the mathematics: same weights,
+    same logits. Weights drawn wide so the logits are O(1)."""
     import mindspore as ms
 
-    net = build_model(load_config(None, ["model.variant=ti", "model.patch_size=8", "data.image_size=32",
-                                         "model.depth=2"]), 10)
+    from vit_dist.cpu_kernels import apply_fused_cpu_kernels
+
+    cfg = load_config(None, ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.depth=2",
+                             "parallel.device_target=CPU", f"parallel.fused_cpu_kernels={str(fused).lower()}"])
+    net = build_model(cfg, 10)
+    assert apply_fused_cpu_kernels(net, cfg, 1, print) is fused
     rng = np.random.default_rng(0)
     for param in net.get_parameters():
         param.set_data(ms.Tensor(rng.normal(0, 0.25, param.shape).astype(np.float32)))

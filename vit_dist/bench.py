@@ -134,7 +134,7 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     """The training step vit-dist trains with (train.make_train_step), on synthetic batches."""
     import mindspore as ms
 
-    from vit_dist.cpu_kernels import apply_fused_cpu_kernels
+    from vit_dist.cpu_kernels import apply_fused_cpu_kernels, step_signal
     from vit_dist.metrics import say
     from vit_dist.models import build_model
     from vit_dist.optim import build_optimizer
@@ -149,7 +149,8 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     optimizer = build_optimizer(net, cfg.train, flat=True)
     train_step = make_train_step(net, optimizer, gradient_reducer(placement),
                                  cfg.train.label_smoothing, cfg.train.grad_clip_norm,
-                                 build_loss_scaler(cfg.precision), cfg.precision.min_loss_scale)
+                                 build_loss_scaler(cfg.precision), cfg.precision.min_loss_scale,
+                                 signal=step_signal(cfg))
     times = time_steps(train_step, synthetic_batches(cfg), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup,
                        cfg.parallel.device_target)
     # Measured after the steps, so the peak is taken on the same (possibly shared) machine state.

@@ -1,6 +1,7 @@
-"""Fused float32 CPU kernels for the two ops MindSpore's CPU backend runs slowest in a ViT step:
-LayerNorm (its LayerNormGrad takes about 11 ns per element on one thread) and the exact GELU
-(scalar erf and exp, and a Pow in its autodiff backward). `cpu_kernels.cc` is compiled once with
+"""Fused float32 CPU kernels for what MindSpore's CPU backend runs slowest in a ViT step: LayerNorm
+(its LayerNormGrad takes about 11 ns per element on one thread), the exact GELU (scalar erf and exp,
+and a Pow in its autodiff backward) with fc1's bias, and attention (head transposes, BatchMatMuls and
+an unfused softmax backward, each a pass over memory). `cpu_kernels.cc` is compiled once with
 the system's C++ compiler into MindSpore AOT custom ops and applied to a built model from outside,
 as mixed precision and shard strategies are: the model file stays pure. Same mathematics: outputs
 and gradients equal MindSpore's own ops within float32 rounding (tested).
@@ -14,14 +15,16 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from vit_dist.config import Config
-from vit_dist.models.vit import GELU
+from vit_dist.models.vit import GELU, Attention, Mlp
 from vit_dist.runtime import cpu_threads
 
 SOURCE = Path(__file__).with_suffix(".cc")
@@ -79,20 +82,32 @@ def custom_ops(library: Path, threads: int) -> dict:
         return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot", bprop=bprop)
 
     layer_norm_backward = aot("LayerNormBackward", lambda dy, x, gamma, mean, rstd: (x, gamma, gamma), 3)
-    gelu_backward = aot("GeluBackward", lambda x, dy: x, 1)
+    bias_gelu_backward = aot("BiasGeluBackward", lambda x, bias, dy: (x, bias), 2)
+    attention_backward = aot("AttentionBackward", lambda dcontext, qkv, bias, head_scale, probs: (qkv, bias), 2)
 
     def layer_norm_bprop(x, gamma, beta, epsilon, out, dout):
         dx, dgamma, dbeta = layer_norm_backward(dout[0], x, gamma, out[1], out[2])
         return dx, dgamma, dbeta, ops.zeros_like(epsilon)
 
-    def gelu_bprop(x, out, dout):
-        return (gelu_backward(x, dout),)
+    def bias_gelu_bprop(x, bias, out, dout):
+        dx, dbias = bias_gelu_backward(x, bias, dout)
+        return dx, dbias
+
+    def attention_bprop(qkv, bias, head_scale, out, dout):
+        dqkv, dbias = attention_backward(dout[0], qkv, bias, head_scale, out[1])
+        return dqkv, dbias, ops.zeros_like(head_scale)
+
+    def attention_shapes(qkv, bias, head_scale):
+        batch, tokens, width = qkv
+        return (batch, tokens, width // 3), (batch, head_scale[0], tokens, -(-tokens // 16) * 16)
 
     return {
         # (y, mean, rstd): the statistics are kept for the backward.
         "layer_norm": aot("LayerNormForward", lambda x, gamma, beta, epsilon: (x, x[:-1], x[:-1]), 3,
                           layer_norm_bprop),
-        "gelu": aot("GeluForward", lambda x: x, 1, gelu_bprop),
+        "bias_gelu": aot("BiasGeluForward", lambda x, bias: x, 1, bias_gelu_bprop),
+        # (context, softmax probabilities): the probabilities are kept for the backward.
+        "attention": aot("AttentionForward", attention_shapes, 2, attention_bprop),
     }
 
 
@@ -103,31 +118,89 @@ class FusedLayerNorm(nn.LayerNorm):
         return self.fused(x, self.gamma, self.beta, self.epsilon_tensor)[0]
 
 
-class FusedGELU(nn.Cell):
-    def __init__(self, op):
-        super().__init__()
-        self.fused = op
+class FusedAttention(Attention):
+    """Attention through the fused op, q, k and v from one MatMul over their weights side by side: fuse()
+    sets `fused` and `head_scale` (the scale once per head) on an existing cell."""
 
     def construct(self, x):
-        return self.fused(x)
+        b, t, d = x.shape
+        weight = ops.concat((self.query.weight, self.key.weight, self.value.weight))
+        bias = ops.concat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = self.query.matmul(x.reshape(-1, d), weight).reshape(b, t, 3 * d)
+        return self.out_drop(self.out(self.fused(qkv, bias, self.head_scale)[0]))
+
+
+class FusedMlp(Mlp):
+    """Mlp with fc1's bias added inside the fused exact GELU: fuse() sets `fused` on an existing cell."""
+
+    def construct(self, x):
+        hidden = self.fc1.matmul(x.reshape(-1, x.shape[-1]), self.fc1.weight)
+        out = self.fc2(self.drop(self.fused(hidden, self.fc1.bias)))
+        return self.drop(out.reshape(x.shape[:-1] + (-1,)))
 
 
 def fuse(net, ops_by_name: dict) -> int:
-    """Runs every nn.LayerNorm over the last axis and every exact GELU of a built ViT through the
-    fused ops; returns how many cells now do. A LayerNorm changes class in place, keeping its
-    Parameters and their names (and its place in amp's lists); a GELU, which has none, is replaced."""
+    """Runs every nn.LayerNorm over the last axis, every Attention without attention dropout and every
+    Mlp with the exact GELU of a built ViT through the fused ops; returns how many cells now do. Each
+    cell changes class in place, keeping its Parameters and their names (and its place in amp's lists)."""
     fused = 0
-    for _, cell in list(net.cells_and_names()):
+    for _, cell in net.cells_and_names():
         if isinstance(cell, nn.LayerNorm) and len(cell.normalized_shape) == 1:
             cell.__class__ = FusedLayerNorm
             cell.fused = ops_by_name["layer_norm"]
             cell.epsilon_tensor = ms.Tensor([cell.epsilon], ms.float32)
-            fused += 1
-        for name, child in list(cell.name_cells().items()):
-            if isinstance(child, GELU):
-                setattr(cell, name, FusedGELU(ops_by_name["gelu"]))
-                fused += 1
+        elif isinstance(cell, Attention) and cell.attn_drop.p == 0:
+            cell.__class__ = FusedAttention
+            cell.fused = ops_by_name["attention"]
+            cell.head_scale = ms.Tensor(np.full(cell.num_heads, cell.scale, np.float32))
+        elif isinstance(cell, Mlp) and isinstance(cell.act, GELU):
+            cell.__class__ = FusedMlp
+            cell.fused = ops_by_name["bias_gelu"]
+        else:
+            continue
+        fused += 1
     return fused
+
+
+class StepSignal:
+    """Lets the host thread sleep while a train step runs on the CPU backend. MindSpore's host thread
+    otherwise spins in its runtime queue's wait for the whole step; even at idle priority
+    (runtime.yield_cores_to_kernels) it takes over a core whenever a kernel thread yields it, until the
+    next scheduler tick, several times a step. The step ends with `mark` (the StepDone op), and
+    `paced` makes each call block, without using the CPU, until that op has run."""
+
+    def __init__(self, library: Path, first_timeout_s: float = 60.0):  # the first step compiles the graph
+        kernels = ctypes.CDLL(str(library))
+        self._wait_steps = kernels.vit_dist_wait_steps
+        self._wait_steps.argtypes = (ctypes.c_uint64, ctypes.c_double)
+        self._wait_steps.restype = ctypes.c_int
+        kernels.vit_dist_steps_done.restype = ctypes.c_uint64
+        self.mark = ops.Custom(f"{library}:StepDone", out_shape=lambda x: x, out_dtype=lambda x: x, func_type="aot")
+        self._launched = kernels.vit_dist_steps_done()  # the count is the process's, across signals
+        self._timeout_s = first_timeout_s
+
+    def paced(self, train_step: Callable) -> Callable:
+        """train_step, returning once the step has run. Past a timeout (a step that failed, or a slow
+        compile) it returns anyway: MindSpore's own wait then raises the failure or waits the rest."""
+
+        def step(*inputs):
+            outputs = train_step(*inputs)
+            self._launched += 1
+            started = time.perf_counter()
+            self._wait_steps(self._launched, self._timeout_s)
+            self._timeout_s = 5.0 + 3.0 * (time.perf_counter() - started)
+            return outputs
+
+        return step
+
+
+def step_signal(cfg: Config) -> Optional[StepSignal]:
+    """A StepSignal on the CPU backend where the kernels library builds (parallel.fused_cpu_kernels on),
+    else None."""
+    if not (cfg.parallel.fused_cpu_kernels and cfg.parallel.device_target == "CPU"):
+        return None
+    library = build_library()
+    return StepSignal(library) if library else None
 
 
 def apply_fused_cpu_kernels(net, cfg: Config, local_world_size: int, say: Callable[[str], None]) -> bool:

@@ -115,8 +115,9 @@ class FlatAdamW(nn.Cell):
             self.adam(self.work[g], self.exp_avg[g], self.exp_avg_sq[g], step_lr, self.beta1, self.beta2,
                       self.eps * root_correction2, self.weight_decay[g] * correction1 / root_correction2,
                       flat_grads[g])
-            self.map(ops.partial(_assign_piece, self.work[g]), self.group_params[g], self.offsets[g])
-        return step
+            step = ops.depend(step, self.map(ops.partial(_assign_piece, self.work[g]), self.group_params[g],
+                                             self.offsets[g]))
+        return step  # after the parameters are written
 
 
 class PerParameterAdamW(AdamW):

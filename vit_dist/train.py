@@ -12,7 +12,7 @@ from pathlib import Path
 from vit_dist import checkpoint, data
 from vit_dist.checkpoint import Progress
 from vit_dist.config import Config, config_digest
-from vit_dist.cpu_kernels import apply_fused_cpu_kernels
+from vit_dist.cpu_kernels import apply_fused_cpu_kernels, step_signal
 from vit_dist.evaluate import evaluate
 from vit_dist.metrics import RunRecord, format_eval_line, format_train_line
 from vit_dist.models import build_model
@@ -25,13 +25,15 @@ from vit_dist.runtime import Placement, yield_cores_to_kernels
 
 
 def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float,
-                    scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1):
+                    scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1,
+                    signal=None):
     """train_step(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
     optimizer lays them out) -> mean over ranks -> (unscale, overflow check) -> clip by global norm
     -> AdamW at the given learning rate.
     With a loss scaler, a step whose gradients are not finite leaves parameters and optimizer state
     untouched; every rank sees the same reduced gradients, so every rank decides alike. With
-    accumulation k the batch holds k micro-batches whose gradients are averaged before the update."""
+    accumulation k the batch holds k micro-batches whose gradients are averaged before the update.
+    With a cpu_kernels.StepSignal the step ends with its mark and each call returns once the step has run."""
     import mindspore as ms
     from mindspore import amp, nn, ops
 
@@ -53,9 +55,11 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         def train_step(images, labels, lr):
             loss, grads = loss_and_grads(images, labels)
             loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
+            if signal is not None:
+                loss = signal.mark(loss)
             return loss, ops.ones((), ms.bool_)
 
-        return train_step
+        return signal.paced(train_step) if signal is not None else train_step
 
     def scaled_loss(images, labels):
         loss = loss_of(images, labels)
@@ -77,10 +81,12 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         if finite:
             update(grads, lr)
         scaler.adjust(finite)
-        ops.assign(scaler.scale_value, ops.maximum(scaler.scale_value, min_loss_scale))
+        loss = ops.depend(loss, ops.assign(scaler.scale_value, ops.maximum(scaler.scale_value, min_loss_scale)))
+        if signal is not None:
+            loss = signal.mark(loss)
         return loss, finite
 
-    return scaled_train_step
+    return signal.paced(scaled_train_step) if signal is not None else scaled_train_step
 
 
 def accumulated(grad_fn, accumulation: int, replicas: int):
@@ -160,7 +166,8 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
         reduce_gradients = semi_auto.reduced_by_mindspore
     train_step = make_train_step(net, optimizer, reduce_gradients, cfg.train.label_smoothing,
                                  cfg.train.grad_clip_norm, scaler, cfg.precision.min_loss_scale,
-                                 cfg.parallel.grad_accumulation, layout.dp if layout.semi_auto else 1)
+                                 cfg.parallel.grad_accumulation, layout.dp if layout.semi_auto else 1,
+                                 step_signal(cfg))
     if layout.semi_auto:
         train_step = semi_auto.parallelize(train_step, cfg.parallel, layout.dp,
                                            strategy_file(run_dir, placement.rank))
