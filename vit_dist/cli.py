@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vit_dist import runtime
 from vit_dist.checkpoint import CheckpointError
-from vit_dist.config import Config, ConfigError, check_compile_cache, compile_cache_dir, load_config
+from vit_dist.config import Config, ConfigError, compile_cache_dir, load_config
 from vit_dist.metrics import CLASSES_FILE, RunRecord, read_data_check
 
 EXIT_USER_ERROR = 2
@@ -47,7 +47,6 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
     from vit_dist import data
     from vit_dist.parallel.layout import RankLayout
 
-    check_compile_cache(cfg, world_size)
     run_dir = resolve_run_dir(cfg)
     scan = data.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
     bad = scan.bad_files()
@@ -224,7 +223,6 @@ def cmd_preflight(args) -> int:
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
     if args.bench and not args.data:  # synthetic batches: no data to check
-        check_compile_cache(cfg, args.world)
         run_dir = resolve_run_dir(cfg)
         prepare_run_dir(run_dir)
     else:

@@ -1,4 +1,4 @@
-"""The training step (one jit-compiled graph) and the loop around it.
+"""The training step (one compiled graph) and the loop around it.
 
 Every rank runs the same loop; the gradient all-reduce inside the step keeps the replicas equal,
 and the RunRecord writes only on rank 0.
@@ -8,6 +8,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import mindspore as ms
+from mindspore import ParameterTuple, amp, nn, ops
 
 from vit_dist import checkpoint, data
 from vit_dist.checkpoint import Progress
@@ -20,23 +23,37 @@ from vit_dist.optim import build_optimizer, lr_schedule
 from vit_dist.parallel.data_parallel import all_reduce_sum, gradient_reducer
 from vit_dist.parallel.checkpoint_merge import merge, strategy_file
 from vit_dist.parallel.layout import RankLayout
-from vit_dist.precision import apply_mixed_precision, build_loss_scaler
+from vit_dist.precision import apply_mixed_precision, build_loss_scaler, scaler_state
 from vit_dist.runtime import Placement, yield_cores_to_kernels
+
+
+class TrainStep(nn.Cell):
+    """The step as a Cell that owns every Parameter the step reads or writes: model, optimizer state
+    and loss scale. MindSpore's compile cache binds a cached graph's Parameters through the compiled
+    Cell; Parameters reached only through a jitted function's closure ran on unbound memory when a
+    second launch loaded the graph (NaN losses from the first step, updates lost)."""
+
+    def __init__(self, step, net, optimizer, scaler):
+        super().__init__(auto_prefix=False)  # the Parameters keep their names (checkpoints use them)
+        self.step = step
+        self.net = net
+        self.optimizer = optimizer
+        self.scaler_state = ParameterTuple(scaler_state(scaler).values())
+
+    def construct(self, images, labels, lr):
+        return self.step(images, labels, lr)
 
 
 def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float,
                     scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1,
                     signal=None):
-    """train_step(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
+    """TrainStep(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
     optimizer lays them out) -> mean over ranks -> (unscale, overflow check) -> clip by global norm
     -> AdamW at the given learning rate.
     With a loss scaler, a step whose gradients are not finite leaves parameters and optimizer state
     untouched; every rank sees the same reduced gradients, so every rank decides alike. With
     accumulation k the batch holds k micro-batches whose gradients are averaged before the update.
     With a cpu_kernels.StepSignal the step ends with its mark and each call returns once the step has run."""
-    import mindspore as ms
-    from mindspore import amp, nn, ops
-
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def loss_of(images, labels):
@@ -51,7 +68,6 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         grad_fn = ms.value_and_grad(loss_of, None, optimizer.parameters)
         loss_and_grads = accumulated(grad_fn, accumulation, replicas)
 
-        @ms.jit
         def train_step(images, labels, lr):
             loss, grads = loss_and_grads(images, labels)
             loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
@@ -59,7 +75,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
                 loss = signal.mark(loss)
             return loss, ops.ones((), ms.bool_)
 
-        return signal.paced(train_step) if signal is not None else train_step
+        return _compiled(train_step, net, optimizer, scaler, signal)
 
     def scaled_loss(images, labels):
         loss = loss_of(images, labels)
@@ -73,7 +89,6 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
 
     loss_and_grads = accumulated(unscaled_loss_grad_fn, accumulation, replicas)
 
-    @ms.jit
     def scaled_train_step(images, labels, lr):
         loss, grads = loss_and_grads(images, labels)
         grads = scaler.unscale(reduce_gradients(optimizer.pack(grads)))
@@ -86,7 +101,12 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
             loss = signal.mark(loss)
         return loss, finite
 
-    return signal.paced(scaled_train_step) if signal is not None else scaled_train_step
+    return _compiled(scaled_train_step, net, optimizer, scaler, signal)
+
+
+def _compiled(step, net, optimizer, scaler, signal):
+    train_step = TrainStep(step, net, optimizer, scaler)
+    return signal.paced(train_step) if signal is not None else train_step
 
 
 def accumulated(grad_fn, accumulation: int, replicas: int):
@@ -94,8 +114,6 @@ def accumulated(grad_fn, accumulation: int, replicas: int):
     other: each micro-batch's input waits for the previous gradients, so only one micro-batch's
     activations are alive at a time. The batch is `replicas` blocks (semi_auto's graph sees the global
     batch, one block per data-parallel replica; 1 in data mode) of `accumulation` micro-batches each."""
-    from mindspore import ops
-
     if accumulation == 1:
         return grad_fn
 
@@ -134,8 +152,6 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
     """Trains, checkpoints and evaluates; returns the final evaluation, the last checkpoint and the
     best one by val top-1. Under semi_auto every rank saves its slices, there is no evaluation, and
     rank 0 merges the last slices into one checkpoint (vit-dist eval takes it)."""
-    import mindspore as ms
-
     record = RunRecord(run_dir, placement.is_main)
     record.write_config(cfg)
     train_split, val_split, classes = scan.train, scan.val, scan.classes
