@@ -113,7 +113,8 @@ class ParallelConfig:
     head: str = "data"  # semi_auto: the classifier replicated (data) or its classes split over mp (model)
     device_target: str = "Ascend"
     threads_per_rank: int = 0  # CPU backend kernel threads; 0: cores / ranks on this node
-    fused_cpu_kernels: bool = True  # CPU backend, float32: LayerNorm and GELU as compiled fused kernels (needs g++)
+    fused_cpu_kernels: bool = True  # CPU backend: vit_dist/cpu_kernels.cc (needs g++): fused LayerNorm, bias+GELU
+    # and attention in float32, and the host thread sleeping through each step
 
 
 @dataclass

@@ -197,22 +197,26 @@ class StepSignal:
 def step_signal(cfg: Config) -> Optional[StepSignal]:
     """A StepSignal on the CPU backend where the kernels library builds (parallel.fused_cpu_kernels on),
     else None."""
-    if not (cfg.parallel.fused_cpu_kernels and cfg.parallel.device_target == "CPU"):
+    if not _wanted(cfg):
         return None
     library = build_library()
     return StepSignal(library) if library else None
 
 
+def _wanted(cfg: Config) -> bool:
+    return cfg.parallel.fused_cpu_kernels and cfg.parallel.device_target == "CPU"
+
+
 def apply_fused_cpu_kernels(net, cfg: Config, local_world_size: int, say: Callable[[str], None]) -> bool:
-    """Fuses the net's LayerNorms and GELUs when training in float32 on the CPU backend with
+    """Fuses the net's LayerNorms, attention and MLPs when training in float32 on the CPU backend with
     parallel.fused_cpu_kernels on (the default), on the kernel threads MindSpore gets; says why not
     if the library cannot be built. Returns whether the net now runs the fused ops."""
-    if not (cfg.parallel.fused_cpu_kernels and cfg.parallel.device_target == "CPU" and cfg.precision.amp_level == "O0"):
+    if not (_wanted(cfg) and cfg.precision.amp_level == "O0"):
         return False
     library = build_library()
     if library is None:
-        say("note: no C++ compiler built vit_dist/cpu_kernels.cc (g++ with C++17): LayerNorm and GELU run on "
-            "MindSpore's slower CPU kernels; install g++, or set parallel.fused_cpu_kernels=false to silence this")
+        say("note: no C++ compiler built vit_dist/cpu_kernels.cc (g++ with C++17): LayerNorm, GELU and attention run "
+            "on MindSpore's slower CPU kernels; install g++, or set parallel.fused_cpu_kernels=false to silence this")
         return False
     fuse(net, custom_ops(library, cpu_threads(cfg.parallel.threads_per_rank, local_world_size)))
     return True
