@@ -142,7 +142,8 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
             assert steps_done() == before + (signal is not None)  # read before the loss is fetched
             run.append(float(loss.asnumpy()))
         losses.append(run)
-    assert losses[1] == losses[0]
+    # MindSpore's kernels split reductions over threads as they come free: equal up to float rounding.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
     silent = StepSignal(library, first_timeout_s=0.5).paced(lambda: None)
     started = time.perf_counter()
