@@ -75,6 +75,8 @@ def _best(run_dir) -> str:
     from vit_dist.checkpoint import best_checkpoint, read_manifest
 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"top1"' in line]
+    # A kill between an evaluation and its epoch's checkpoint repeats that evaluation after the resume.
+    evals = list({record["step"]: record for record in evals}.values())
     assert len(evals) == 5, evals
     best = max(evals, key=lambda r: (r["top1"], -r["step"]))
     (path, top1), = [best_checkpoint(run_dir)]

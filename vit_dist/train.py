@@ -71,8 +71,6 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         def train_step(images, labels, lr):
             loss, grads = loss_and_grads(images, labels)
             loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
-            if signal is not None:
-                loss = signal.mark(loss)
             return loss, ops.ones((), ms.bool_)
 
         return _compiled(train_step, net, optimizer, scaler, signal)
@@ -97,16 +95,22 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
             update(grads, lr)
         scaler.adjust(finite)
         loss = ops.depend(loss, ops.assign(scaler.scale_value, ops.maximum(scaler.scale_value, min_loss_scale)))
-        if signal is not None:
-            loss = signal.mark(loss)
         return loss, finite
 
     return _compiled(scaled_train_step, net, optimizer, scaler, signal)
 
 
 def _compiled(step, net, optimizer, scaler, signal):
-    train_step = TrainStep(step, net, optimizer, scaler)
-    return signal.paced(train_step) if signal is not None else train_step
+    """The step as a TrainStep; with a signal, marked at its end (its loss comes after the update and
+    the loss-scale write) and paced."""
+    if signal is None:
+        return TrainStep(step, net, optimizer, scaler)
+
+    def marked_step(images, labels, lr):
+        loss, finite = step(images, labels, lr)
+        return signal.mark(loss), finite
+
+    return signal.paced(TrainStep(marked_step, net, optimizer, scaler))
 
 
 def accumulated(grad_fn, accumulation: int, replicas: int):
@@ -202,13 +206,15 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
     best = checkpoint.best_checkpoint(run_dir) if placement.is_main else None
 
     def run_eval(epoch: int) -> dict:
-        """Evaluates; rank 0 keeps the checkpoint just saved as the best when its top-1 is."""
-        nonlocal best
         result = evaluate(net, eval_data, cfg.train.eval_batch, placement, val_split.num_images)
         record.log({"step": step, "epoch": epoch, **result}, format_eval_line({"epoch": epoch, **result}))
+        return result
+
+    def keep_if_best(result: dict) -> None:
+        """Rank 0 keeps the checkpoint of this step, saved after its evaluation, as the best when its top-1 is."""
+        nonlocal best
         if saved is not None and (best is None or result["top1"] > best[1]):
             best = checkpoint.keep_best(run_dir, saved, result["top1"]), result["top1"]
-        return result
 
     def save() -> Path:
         return checkpoint.save(run_dir, net, optimizer, scaler, Progress(step, epoch, skipped),
@@ -240,22 +246,31 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: data.DataScan)
                 skipped += _log_interval(record, interval, placement, step, epoch, total_steps,
                                          learning_rates[step - 1], global_batch, scaler, skipped)
                 interval = Interval.start()
-            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and saves:
-                saved = save()
             if step == total_steps:
                 break
+            # The epoch's last step is saved below, after the epoch's evaluation.
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and saves \
+                    and step % steps_per_epoch:
+                saved = save()
             fetched = time.perf_counter()
+        # Evaluation first, then the checkpoint: a run killed in between resumes before the evaluation
+        # and makes it again, rather than from a checkpoint whose evaluation never happened.
+        evaluated = None
+        if step < total_steps and cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0 \
+                and not layout.semi_auto:
+            evaluated = run_eval(epoch)
+            interval = Interval.start()
         if saves and (saved is None or saved != checkpoint.checkpoint_path(run_dir, step, slice_rank)):
             saved = save()
+        if evaluated is not None:
+            keep_if_best(evaluated)
         if step == total_steps:
             break
-        if cfg.train.eval_every_epochs and epoch % cfg.train.eval_every_epochs == 0 and not layout.semi_auto:
-            run_eval(epoch)
-            interval = Interval.start()
     if layout.semi_auto:
         all_reduce_sum([1], placement)  # every rank has saved its slices
         return {"checkpoint": str(merge(run_dir)) if placement.is_main else None}
     result = run_eval(epoch)
+    keep_if_best(result)
     record.write_eval(result)
     record.write_plot()
     return {**result, "checkpoint": str(saved) if saved else None,
