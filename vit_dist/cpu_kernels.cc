@@ -1,6 +1,6 @@
 // Fused float32 kernels for MindSpore's CPU backend, called as AOT custom ops (cpu_kernels.py).
 // Every function has MindSpore's AOT signature: inputs then outputs in params, their shapes in
-// ndims/shapes. Rows (or blocks of elements) are split over vit_dist_set_threads() threads.
+// ndims/shapes. Rows (or attention's (image, head) pairs) are split over vit_dist_set_threads() threads.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
