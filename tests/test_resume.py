@@ -22,8 +22,11 @@ def _start(command: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _kill_when_checkpointed(proc: subprocess.Popen, run_dir, step: int, marker: str, timeout: float = 240) -> None:
-    """SIGKILLs every process of the job (launcher, scheduler, workers) once step_<step> is on disk."""
+def _kill_when_checkpointed(proc: subprocess.Popen, run_dir, step: int, marker: str, timeout: float = 240) -> int:
+    """SIGKILLs every process of the job (launcher, scheduler, workers) once step_<step> is on disk;
+    returns the step of the newest checkpoint the job left. The job may have gone on for a few steps
+    between the file's appearance and the kill (how many depends on the machine's speed and load), so
+    that step is read, not assumed."""
     target = run_dir / "checkpoints" / f"step_{step:08d}.json"
     deadline = time.monotonic() + timeout
     while not target.exists():
@@ -34,6 +37,7 @@ def _kill_when_checkpointed(proc: subprocess.Popen, run_dir, step: int, marker: 
     os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     proc.wait(timeout=30)
     assert not (run_dir / "eval.json").exists(), "the run finished before the kill"
+    return int(last_checkpoint(run_dir).stem.split("_")[1])
 
 
 def _same_parameters(resumed, uninterrupted) -> None:
@@ -58,9 +62,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, ran
                 f"train.output_dir={run_dir}", *extra]
 
     proc = _start(command(killed))
-    _kill_when_checkpointed(proc, killed, 20, str(killed))  # mid-epoch: 6 steps per epoch
-    newest = last_checkpoint(killed).name
-    assert newest in ("step_00000020.safetensors", "step_00000024.safetensors")
+    newest = _kill_when_checkpointed(proc, killed, 20, str(killed))  # mid-epoch: 6 steps per epoch
+    assert 20 <= newest < 60, newest  # killed before the end, whatever the machine's speed
     resumed = ok(vit_dist(*command(killed, "train.resume=auto")[3:])) if ranks == 1 else \
         ok(msrun(*command(killed, "train.resume=auto")[2:]))
     assert "resumed from" in resumed.stderr + resumed.stdout
