@@ -43,14 +43,13 @@ export VIT_DIST_NODE_RANK=$node_rank
 transcript="$log_dir/msrun_node_$node_rank.log"
 
 # msrun names a failed worker by pid only ("Worker process P exit with exception. Error code: C"), and
-# each worker's log holds "worker rank R of W, pid P".
+# each worker writes its rank to RUN_DIR/logs/pids/<pid>.
 report_msrun_failure() {
-    local pid code log rank=""
+    local pid code rank=""
     local failure='s/.*Worker process ([0-9]+) exit with exception\. Error code: (-?[0-9]+).*/\1 \2/p'
     read -r pid code < <(sed -n -E "$failure" "$transcript") || true
     if [[ -n ${pid:-} ]]; then
-        log=$(grep -l -E "^worker rank [0-9]+ of [0-9]+, pid $pid\$" "$log_dir"/worker_*.log | head -n 1 || true)
-        rank=$(sed -E 's/.*worker_([0-9]+)\.log$/\1/' <<<"$log")
+        rank=$(cat "$log_dir/pids/$pid" 2>/dev/null || true)
     fi
     report_failure "$job_status" "$rank" "exited with status ${code:-}"
 }

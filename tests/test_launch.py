@@ -89,9 +89,8 @@ def test_nodes_must_share_a_named_run_directory(exact_config):
 ])
 def test_a_killed_worker_ends_the_job(tiny_data, tmp_path, launcher, victim, bound):
     def kill_victim(run_dir: Path) -> None:
-        log = _read(run_dir / "logs" / f"worker_{victim}.log")
-        pid = next(int(line.rsplit(" ", 1)[1]) for line in log.splitlines()
-                   if line.startswith(f"worker rank {victim} of 2, pid "))
+        pids = run_dir / "logs" / "pids"
+        pid = next(int(f.name) for f in pids.iterdir() if f.name.isdigit() and f.read_text().strip() == str(victim))
         os.kill(pid, signal.SIGKILL)
 
     rank, log = _failing_job(tmp_path, _long_config(tmp_path, tiny_data), launcher, kill_victim, bound)

@@ -75,10 +75,11 @@ def _start(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
     job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
     placement = runtime.detect_placement(os.environ)
-    if placement.distributed:  # a launcher that learns only the pid of a dead worker finds its rank here
-        print(f"worker rank {placement.rank} of {placement.world_size}, pid {os.getpid()}", file=sys.stderr,
-              flush=True)
     run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True)
+    if placement.distributed:
+        runtime.announce_worker(run_dir, placement.rank)
+        print(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}",
+              file=sys.stderr, flush=True)
     placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
                                      data_parallel=cfg.parallel.mode == "data",
                                      compile_cache=compile_cache_dir(cfg, job, placement.world_size))

@@ -45,6 +45,22 @@ class Placement:
         return self.world_size > 1
 
 
+# RUN_DIR/logs/pids/<pid> holds the rank of the worker with that pid: a launcher told only the pid of
+# a dead worker (msrun) finds its rank there.
+PIDS_DIR = ("logs", "pids")
+
+
+def announce_worker(run_dir, rank: int) -> None:
+    """Writes RUN_DIR/logs/pids/<this pid> = rank (under msrun across nodes the rank is provisional)."""
+    from pathlib import Path
+
+    folder = Path(run_dir).joinpath(*PIDS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{os.getpid()}.tmp"
+    tmp.write_text(f"{rank}\n")
+    tmp.replace(folder / str(os.getpid()))
+
+
 def is_scheduler(env: Mapping[str, str]) -> bool:
     """msrun starts the worker script as the cluster's scheduler process too; under mpirun rank 0 does."""
     return env.get("MS_ROLE") == "MS_SCHED"
