@@ -128,3 +128,12 @@ def worst_relative_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]
 
 def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-12))
+
+
+def vit_model(cfg, num_classes: int, layers=None):
+    """The config's ViT with MindSpore's stock layers (or the given seam layers), as built before any
+    precision or backend choice."""
+    from vit_dist.models.spec import ViTSpec
+    from vit_dist.models.vit import ViTLayers, VisionTransformer
+
+    return VisionTransformer(ViTSpec.of(cfg, num_classes), layers or ViTLayers())

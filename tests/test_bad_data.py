@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import msrun, ok, tiny_config, vit_dist, write_image_folder
-from vit_dist import data
+from vit_dist.host import datascan as data
 
 
 def _encoded(image_format: str, size=(24, 24), **options) -> bytes:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist
-from vit_dist.config import compile_cache_dir, load_config
+from vit_dist.host.config import compile_cache_dir, load_config
 
 TINY = {"model": {"num_classes": 3}}
 # tiny_config's ViT (16 px, patch 4, dim 32, depth 2, mlp 128, 3 classes): 16 patches, 17 tokens.
@@ -32,7 +32,7 @@ def test_bench_reports_throughput_compile_time_and_mfu_and_fills_the_compile_cac
     assert result["mfu"] == pytest.approx(TINY_TRAIN_FLOPS * result["images_per_sec_per_device"] / 50e9, rel=1e-6)
     assert result["peak_memory_mib"] > 100
     # The compiled graph is saved under the folder keyed by the computation (see the key test).
-    key = compile_cache_dir(load_config(config, [f"train.compile_cache={cache}"]), "bench", 1)
+    key = compile_cache_dir(load_config(config, [f"train.compile_cache={cache}"]), "train", 1)
     assert list(Path(key).glob("rank_0/graph_cache/*.mindir"))
 
 
@@ -66,6 +66,24 @@ def test_a_second_two_rank_launch_loads_the_compile_cache_and_trains_the_same(tm
         np.testing.assert_array_equal(second_params[name], value, err_msg=name)
 
 
+def test_bench_compiles_the_very_step_training_runs_with_accumulation(tmp_path, tiny_data):
+    """bench builds its step through the same assembly as training (accumulation, precision, backend
+    layers): a bench launch fills the compile cache, and a training launch of the same config then
+    runs that graph (MindSpore says so) instead of compiling its own."""
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, model={"num_classes": 3}, parallel={"grad_accumulation": 2},
+                         train={"batch_size": 4, "compile_cache": str(tmp_path / "cache")})
+
+    def trains_from_the_cache() -> bool:
+        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        result = ok(vit_dist("train", str(config), "--set", "train.max_steps=2", f"train.output_dir={run}"))
+        return "Use the compilation cache" in result.stderr
+
+    assert not trains_from_the_cache()  # the first launch compiles (and fills the cache for the second)
+    (tmp_path / "cache").rename(tmp_path / "trained")
+    ok(vit_dist("bench", str(config), "--steps", "1", "--warmup", "0", "--peak-gflops", "50", "--set", "train.max_steps=2"))
+    assert trains_from_the_cache()
+
+
 def test_data_mode_times_the_input_pipeline_on_real_images(tmp_path, tiny_data):
     config = tiny_config(tmp_path / "c.yaml", tiny_data)
     result = last_json(vit_dist("bench", str(config), "--data", "--steps", "10", "--json"))
@@ -83,7 +101,7 @@ def test_compile_cache_key_changes_with_the_computation_only():
     for other in (key("model.depth=3"), key("train.batch_size=8"), key("precision.amp_level=O2")):
         assert other != key()
     cfg = load_config(None, ["train.compile_cache=/c"])
-    assert compile_cache_dir(cfg, "train", 1) != compile_cache_dir(cfg, "bench", 1)
+    assert compile_cache_dir(cfg, "train", 1) != compile_cache_dir(cfg, "eval", 1)
     assert compile_cache_dir(cfg, "train", 1) != compile_cache_dir(cfg, "train", 2)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vit_dist.config import ConfigError, dump_yaml, load_config
+from vit_dist.host.config import ConfigError, dump_yaml, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

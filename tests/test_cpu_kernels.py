@@ -1,4 +1,4 @@
-"""The fused CPU kernels (vit_dist/cpu_kernels.cc as MindSpore AOT custom ops) against MindSpore's own
+"""The fused CPU kernels (vit_dist/backends/cpu/kernels.cc as MindSpore AOT custom ops) against MindSpore's own
 LayerNorm and GELU: same outputs and gradients, the same training, and a clear fallback."""
 import time
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import worst_relative_difference
-from vit_dist.config import load_config
+from vit_dist.host.config import load_config
 
 TINY = ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.depth=2", "model.drop_path_rate=0",
         "parallel.device_target=CPU"]
@@ -15,10 +15,10 @@ TINY = ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.d
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     """Built afresh (not from the per-user cache), so the compile itself is tested."""
-    from vit_dist.cpu_kernels import build_library
+    from vit_dist.backends.cpu.kernels import build_library
 
     path = build_library(cache_dir=tmp_path_factory.mktemp("kernels"))
-    assert path is not None, "g++ is needed to build vit_dist/cpu_kernels.cc"
+    assert path is not None, "g++ is needed to build vit_dist/backends/cpu/kernels.cc"
     return path
 
 
@@ -40,8 +40,9 @@ def test_a_fused_block_matches_mindspores_ops_forward_and_backward(library, thre
     fused ops gives MindSpore's outputs and gradients."""
     import mindspore as ms
 
-    from vit_dist.cpu_kernels import FusedAttention, FusedLayerNorm, FusedMlp, custom_ops, fuse
-    from vit_dist.models.vit import Block, ViTSpec
+    from vit_dist.backends.cpu.kernels import FusedAttention, FusedLayerNorm, FusedMlp, custom_ops, fused_layers
+    from vit_dist.models.spec import ViTSpec
+    from vit_dist.models.vit import Block, ViTLayers
 
     spec = ViTSpec(image_size=32, patch_size=8, embed_dim=dim, depth=1, num_heads=heads, mlp_dim=4 * dim,
                    num_classes=4)
@@ -50,21 +51,20 @@ def test_a_fused_block_matches_mindspores_ops_forward_and_backward(library, thre
     w = ms.Tensor(rng.standard_normal((4, tokens, dim)).astype(np.float32))
     # Biases and norm parameters away from their zero/one initialisation, so each gradient is exercised.
     values = {}
-    results = []
+    results, names_by_run = [], []
     for fused in (False, True):
         ms.set_seed(0)
-        net = Block(spec, 0.0)
+        net = Block(spec, 0.0, fused_layers(custom_ops(library, threads)) if fused else ViTLayers())
         for p in net.trainable_params():
             values.setdefault(p.name, (p.asnumpy() + rng.normal(0.0, 0.5, p.shape)).astype(np.float32))
             p.set_data(ms.Tensor(values[p.name]))
         names = [p.name for p in net.trainable_params()]
-        if fused:
-            assert fuse(net, custom_ops(library, threads)) == 4
-            assert isinstance(net.norm1, FusedLayerNorm) and isinstance(net.attn, FusedAttention)
-            assert isinstance(net.mlp, FusedMlp)
-            assert [p.name for p in net.trainable_params()] == names
+        names_by_run.append(names)
+        assert isinstance(net.norm1, FusedLayerNorm) is isinstance(net.norm2, FusedLayerNorm) is fused
+        assert isinstance(net.attn, FusedAttention) is isinstance(net.mlp, FusedMlp) is fused
         results.append(dict(zip(["loss", "x"] + names, values_and_grads(net, x, w))))
     native, fused = results
+    assert names_by_run[0] == names_by_run[1]  # the seam's layers keep the stock layers' Parameters
     # Softmax cancels the key bias (it adds one constant to each query's scores): its gradient is zero
     # but for float rounding, in both.
     key_bias = "attn.key.bias"
@@ -79,12 +79,8 @@ def test_a_fused_train_step_trains_as_mindspores_ops_do(library):
     """Six steps of the real train step (AdamW, clipping) on the ViT: the same losses and weights."""
     import mindspore as ms
 
-    from vit_dist.cpu_kernels import apply_fused_cpu_kernels
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
-    from vit_dist.parallel.data_parallel import gradient_reducer
-    from vit_dist.runtime import Placement
-    from vit_dist.train import make_train_step
+    from vit_dist.host.placement import Placement
+    from vit_dist.training.assemble import build_training
 
     rng = np.random.default_rng(0)
     images = ms.Tensor(rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
@@ -92,14 +88,10 @@ def test_a_fused_train_step_trains_as_mindspores_ops_do(library):
     runs = []
     for fused in (False, True):
         cfg = load_config(None, TINY + [f"parallel.fused_cpu_kernels={str(fused).lower()}"])
-        ms.set_seed(0)
-        net = build_model(cfg, 4)
-        assert apply_fused_cpu_kernels(net, cfg, 1, print) is fused
-        optimizer = build_optimizer(net, cfg.train, flat=True)
-        step = make_train_step(net, optimizer, gradient_reducer(Placement("single", 0, 1, 0, 1)), 0.1,
-                               cfg.train.grad_clip_norm)
-        losses = [float(step(images, labels, ms.Tensor(5e-4, ms.float32))[0].asnumpy()) for _ in range(6)]
-        runs.append((losses, {p.name: p.asnumpy() for p in net.trainable_params()}))
+        run = build_training(cfg, 4, Placement.single(), print)
+        assert run.backend.fused is fused
+        losses = [float(run.step(images, labels, ms.Tensor(5e-4, ms.float32))[0].asnumpy()) for _ in range(6)]
+        runs.append((losses, {p.name: p.asnumpy() for p in run.net.trainable_params()}))
     (native_losses, native), (fused_losses, fused) = runs
     assert native_losses[-1] < native_losses[0] - 0.1
     assert fused_losses == pytest.approx(native_losses, rel=1e-4)
@@ -115,12 +107,12 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
 
     import mindspore as ms
 
-    from vit_dist.cpu_kernels import StepSignal
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
+    from vit_dist.backends.cpu.kernels import StepSignal
+    from conftest import vit_model
+    from vit_dist.training.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
-    from vit_dist.runtime import Placement
-    from vit_dist.train import make_train_step
+    from vit_dist.host.placement import Placement
+    from vit_dist.training.step import make_train_step
 
     steps_done = ctypes.CDLL(str(library)).vit_dist_steps_done
     steps_done.restype = ctypes.c_uint64
@@ -131,9 +123,9 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
     for signal in (None, StepSignal(library)):
         cfg = load_config(None, TINY)
         ms.set_seed(0)
-        net = build_model(cfg, 4)
+        net = vit_model(cfg, 4)
         step = make_train_step(net, build_optimizer(net, cfg.train, flat=True),
-                               gradient_reducer(Placement("single", 0, 1, 0, 1)), 0.1, cfg.train.grad_clip_norm,
+                               gradient_reducer(Placement.single()), 0.1, cfg.train.grad_clip_norm,
                                signal=signal)
         run = []
         for _ in range(3):
@@ -152,12 +144,14 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
 
 
 def test_only_float32_cpu_training_is_fused_and_a_missing_compiler_falls_back(tmp_path):
-    from vit_dist.cpu_kernels import apply_fused_cpu_kernels, build_library
-    from vit_dist.models import build_model
+    from vit_dist.backends.backend import backend_for
+    from vit_dist.backends.cpu.kernels import build_library
+    from vit_dist.host.placement import Placement
 
     for overrides in (["precision.amp_level=O2"], ["parallel.device_target=Ascend"], ["parallel.fused_cpu_kernels=false"]):
         cfg = load_config(None, TINY + overrides)
-        assert apply_fused_cpu_kernels(build_model(cfg, 4), cfg, 1, print) is False
+        assert backend_for(cfg, Placement.single(), print).fused is False
+    assert backend_for(load_config(None, TINY), Placement.single(), print, portable=True).fused is False
     assert build_library(compiler="no-such-compiler", cache_dir=tmp_path / "own") is None
     assert list((tmp_path / "own").iterdir()) == []
     shared = tmp_path / "shared"

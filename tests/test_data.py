@@ -4,10 +4,12 @@ import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from vit_dist import data
-from vit_dist.config import ConfigError, load_config
-from vit_dist.evaluate import real_mask
-from vit_dist.runtime import Placement
+from vit_dist.data import pipeline
+from vit_dist.host import datascan as data
+from vit_dist.host.config import load_config
+from vit_dist.host.errors import ConfigError, DataError
+from vit_dist.training.evaluate import real_mask
+from vit_dist.host.placement import Placement
 
 
 def test_scan_counts_classes_and_ignores_hidden_and_stray_files(tiny_data, tmp_path):
@@ -23,18 +25,18 @@ def test_scan_counts_classes_and_ignores_hidden_and_stray_files(tiny_data, tmp_p
 
 
 def test_missing_root_split_and_empty_split_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; point data.root at a folder holding train/ and val/"):
+    with pytest.raises(DataError, match="does not exist; point data.root at a folder holding train/ and val/"):
         data.scan_split(tmp_path / "nope", "train")
-    with pytest.raises(ConfigError, match="has no val/ folder"):
+    with pytest.raises(DataError, match="has no val/ folder"):
         data.scan_split(tmp_path, "val")
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="holds no images in class folders"):
+    with pytest.raises(DataError, match="holds no images in class folders"):
         data.scan_split(tmp_path, "train")
 
 
 def test_class_mismatch_names_the_difference(tmp_path):
     root = write_image_folder(tmp_path, {"train": {"d1": 1, "d2": 1}, "val": {"d1": 1, "d3": 1}})
-    with pytest.raises(ConfigError, match=r"only in train \['d2'\], only in val \['d3'\]"):
+    with pytest.raises(DataError, match=r"only in train \['d2'\], only in val \['d3'\]"):
         data.scan_dataset(load_config(None, [f"data.root={root}"]).data)
 
 
@@ -46,7 +48,7 @@ def test_batch_larger_than_shard_is_refused():
 
 
 def _shard_labels_and_pixels(cfg, split, classes, rank, world):
-    dataset = data._image_folder(split, classes, False, rank, world, data.eval_transforms(cfg.data), 1)
+    dataset = pipeline._image_folder(split, classes, False, rank, world, pipeline.eval_transforms(cfg.data), 1)
     return [(int(label), image.tobytes()) for image, label in dataset.create_tuple_iterator(output_numpy=True)]
 
 
@@ -66,7 +68,7 @@ def test_shuffled_shards_stay_disjoint_and_reshuffle_each_epoch(tiny_data):
     train, _, classes = data.scan_dataset(cfg.data)
     epochs = []
     for rank in range(2):
-        batches = data.train_dataset(cfg, train, classes, rank, 2).create_tuple_iterator(num_epochs=2,
+        batches = pipeline.train_dataset(cfg, train, classes, rank, 2, 4).create_tuple_iterator(num_epochs=2,
                                                                                         output_numpy=True)
         epochs.append([[image.tobytes() for images, _ in batches for image in images] for _ in range(2)])
     for epoch in range(2):
@@ -88,8 +90,8 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode, suffix, kwargs):
         image.save(tmp_path / split / "c" / f"x{suffix}", **kwargs)
     cfg = load_config(None, [f"data.root={tmp_path}", "data.image_size=16"])
     train, val, classes = data.scan_dataset(cfg.data)
-    for transforms in (data.train_transforms(cfg.data), data.eval_transforms(cfg.data)):
-        dataset = data._image_folder(train, classes, False, 0, 1, transforms, 1)
+    for transforms in (pipeline.train_transforms(cfg.data), pipeline.eval_transforms(cfg.data)):
+        dataset = pipeline._image_folder(train, classes, False, 0, 1, transforms, 1)
         (out, _), = list(dataset.create_tuple_iterator(output_numpy=True))
         assert out.shape == (3, 16, 16) and out.dtype == np.float32
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import worst_relative_difference
-from vit_dist.config import ConfigError, load_config
+from vit_dist.host.config import ConfigError, load_config
 
 TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=1",
         "model.num_heads=2", "model.drop_path_rate=0", "train.grad_clip_norm=0", "train.label_smoothing=0.1"]
@@ -14,18 +14,18 @@ TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.e
 def trained_state(accumulation: int, scaled: bool, images, labels, steps: int = 2) -> dict:
     import mindspore as ms
 
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
-    from vit_dist.precision import build_loss_scaler
+    from conftest import vit_model
+    from vit_dist.training.optim import build_optimizer
+    from vit_dist.training.precision import build_loss_scaler
     from vit_dist.parallel.data_parallel import gradient_reducer
-    from vit_dist.runtime import Placement
-    from vit_dist.train import make_train_step
+    from vit_dist.host.placement import Placement
+    from vit_dist.training.step import make_train_step
 
     cfg = load_config(None, TINY + (["precision.loss_scale=fixed", "precision.loss_scale_value=1024"] if scaled else []))
     ms.set_seed(3)
-    net = build_model(cfg, 5)
+    net = vit_model(cfg, 5)
     optimizer = build_optimizer(net, cfg.train, flat=True)
-    one_device = gradient_reducer(Placement("single", 0, 1, 0, 1))
+    one_device = gradient_reducer(Placement.single())
     step = make_train_step(net, optimizer, one_device, cfg.train.label_smoothing, cfg.train.grad_clip_norm,
                            build_loss_scaler(cfg.precision), accumulation=accumulation)
     losses = [float(step(ms.Tensor(images), ms.Tensor(labels), ms.Tensor(1e-3, ms.float32))[0].asnumpy())
@@ -51,16 +51,17 @@ def test_two_micro_batches_make_the_update_of_one_double_batch():
 def test_each_step_reads_k_micro_batches_per_replica(tiny_data):
     """48 images, 2 ranks x mp 1, batch 4 x k 3: 12 images per rank and step, 2 steps per epoch; a
     shard smaller than batch x k is one line before anything compiles."""
-    from vit_dist import data
-    from vit_dist.parallel.layout import RankLayout
+    from vit_dist.data import pipeline
+    from vit_dist.host import datascan as data
+    from vit_dist.host.placement import ParallelDims
 
     cfg = load_config(None, TINY + [f"data.root={tiny_data}", "train.batch_size=4", "parallel.grad_accumulation=3",
                                     "data.num_workers=1"])
-    layout = RankLayout.of(cfg, 1, 2)
-    assert (layout.dp, layout.replica, layout.rank_batch, layout.global_batch) == (2, 1, 12, 24)
+    layout = ParallelDims.of(cfg, 2)
+    assert (layout.dp, layout.replica(1), layout.rank_batch, layout.global_batch) == (2, 1, 12, 24)
     train_split, _, classes = data.scan_dataset(cfg.data)
     assert data.steps_per_epoch(train_split.num_images, layout.dp, 4, 3) == 2
-    dataset = data.train_dataset(cfg, train_split, classes, layout.replica, layout.dp)
+    dataset = pipeline.train_dataset(cfg, train_split, classes, layout.replica(1), layout.dp, layout.rank_batch)
     assert [images.shape[0] for images, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)] == [12, 12]
     with pytest.raises(ConfigError, match=r"^train\.batch_size 4 x parallel\.grad_accumulation 3 is larger than each "
                                           r"rank's shard of 6 images \(48 images over 8 data-parallel ranks\); lower "

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (MPI_AS_ROOT, ROOT, last_checkpoint, load_params, mpirun, msrun, ok, tiny_config, tool_env,
                       worst_relative_difference, write_image_folder)
-from vit_dist.runtime import Placement, detect_placement
+from vit_dist.bootstrap import Placement, detect_placement
 
 EXACT = {"data": {"augment": False, "shuffle": False}}
 # Short enough to keep the failure tests quick, long enough that MindSpore's own default (30 s)

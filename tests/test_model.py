@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, ok, vit_dist
-from vit_dist.config import load_config
-from vit_dist.models import build_model, vit_spec
-from vit_dist.models.vit import count_parameters, forward_flops
+from conftest import ROOT, ok, vit_dist, vit_model
+from vit_dist.host.config import load_config
+from vit_dist.models.spec import ViTSpec, forward_flops
+from vit_dist.models.vit import count_parameters
 
 
 def test_vit_b16_has_the_reference_parameter_count():
@@ -23,7 +23,7 @@ def test_variants_and_patch_sizes_give_logits(variant, patch, size):
 
     cfg = load_config(None, [f"model.variant={variant}", f"model.patch_size={patch}", f"data.image_size={size}",
                              "model.depth=1"])
-    net = build_model(cfg, 7)
+    net = vit_model(cfg, 7)
     net.set_train(False)
     logits = net(ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)))
     assert logits.shape == (2, 7)
@@ -33,9 +33,9 @@ def test_variants_and_patch_sizes_give_logits(variant, patch, size):
 
 
 def test_flops_formula_matches_the_benchmark_configs():
-    # Config B of ../shared/bench: 32 px, patch 4, dim 192, depth 6: 2*64*48*192 + 6*(24*65*192^2 + 4*65^2*192) + 2*192*10
+    # Config B of benchmarks/: 32 px, patch 4, dim 192, depth 6: 2*64*48*192 + 6*(24*65*192^2 + 4*65^2*192) + 2*192*10
     cfg = load_config(None, ["model.variant=ti", "model.patch_size=4", "data.image_size=32", "model.depth=6"])
-    assert forward_flops(vit_spec(cfg, 10)) == 2 * 64 * 48 * 192 + 6 * (24 * 65 * 192 ** 2 + 4 * 65 ** 2 * 192) + 3840
+    assert forward_flops(ViTSpec.of(cfg, 10)) == 2 * 64 * 48 * 192 + 6 * (24 * 65 * 192 ** 2 + 4 * 65 ** 2 * 192) + 3840
 
 
 def test_parameter_count_matches_the_closed_form():
@@ -43,7 +43,7 @@ def test_parameter_count_matches_the_closed_form():
     d, n, classes = 192, 16, 5
     expected = (8 * 8 * 3 * d + d) + d + (n + 1) * d + 3 * (4 * (d * d + d) + 2 * d * 4 * d + 4 * d + d + 4 * d) \
         + 2 * d + d * classes + classes
-    assert count_parameters(build_model(cfg, classes)) == expected
+    assert count_parameters(vit_model(cfg, classes)) == expected
 
 
 def test_drop_path_drops_whole_samples_in_training_only():
@@ -103,12 +103,13 @@ def test_logits_equal_the_straightforward_computation_within_1e_5(fused):
     same logits. Weights drawn wide so the logits are O(1)."""
     import mindspore as ms
 
-    from vit_dist.cpu_kernels import apply_fused_cpu_kernels
+    from vit_dist.host.placement import Placement
+    from vit_dist.training.assemble import build_model
 
     cfg = load_config(None, ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.depth=2",
                              "parallel.device_target=CPU", f"parallel.fused_cpu_kernels={str(fused).lower()}"])
-    net = build_model(cfg, 10)
-    assert apply_fused_cpu_kernels(net, cfg, 1, print) is fused
+    net, backend = build_model(cfg, 10, Placement.single(), print)
+    assert backend.fused is fused
     rng = np.random.default_rng(0)
     for param in net.get_parameters():
         param.set_data(ms.Tensor(rng.normal(0, 0.25, param.shape).astype(np.float32)))

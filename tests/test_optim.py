@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from vit_dist.config import load_config
-from vit_dist.optim import decays, lr_schedule
+from vit_dist.host.config import load_config
+from vit_dist.training.optim import decays, lr_schedule
 
 
 def test_warmup_then_cosine_per_step():
@@ -38,16 +38,16 @@ DECAYED = {"patch_embed.proj.weight", "blocks.0.attn.query.weight", "blocks.0.at
 
 
 def test_the_built_model_splits_as_intended():
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
+    from conftest import vit_model
+    from vit_dist.training.optim import build_optimizer
 
     cfg = load_config(None, SMALL)
-    optimizer = build_optimizer(build_model(cfg, 3), cfg.train, flat=False)
+    optimizer = build_optimizer(vit_model(cfg, 3), cfg.train, flat=False)
     decayed, plain = ({p.name for p in group["params"]} for group in optimizer.param_groups)
     assert decayed == DECAYED
     assert {"pos_embed", "cls_token", "head.bias", "norm.gamma"} <= plain
     assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.train.weight_decay, 0.0]
-    flat = build_optimizer(build_model(cfg, 3), cfg.train, flat=True)
+    flat = build_optimizer(vit_model(cfg, 3), cfg.train, flat=True)
     assert {p.name for p in flat.group_params[0]} == DECAYED
     assert [p.shape for p in flat.exp_avg] == [(sum(p.size for p in g),) for g in flat.group_params]
 
@@ -60,27 +60,27 @@ def test_flat_adamw_makes_the_per_parameter_update():
     import mindspore as ms
     import numpy as np
 
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
+    from conftest import vit_model
+    from vit_dist.training.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
-    from vit_dist.runtime import Placement
-    from vit_dist.train import make_train_step
+    from vit_dist.host.placement import Placement
+    from vit_dist.training.step import make_train_step
 
     cfg = load_config(None, SMALL + ["train.grad_clip_norm=1.0", "train.weight_decay=0.3"])
-    one_device = gradient_reducer(Placement("single", 0, 1, 0, 1))
+    one_device = gradient_reducer(Placement.single())
     rng = np.random.default_rng(0)
     images = ms.Tensor(rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
     labels = ms.Tensor(rng.integers(0, 3, 8).astype(np.int32))
     weights = {}
     for flat in (True, False):
         ms.set_seed(0)
-        net = build_model(cfg, 3)
+        net = vit_model(cfg, 3)
         optimizer = build_optimizer(net, cfg.train, flat=flat)
         step = make_train_step(net, optimizer, one_device, 0.0, cfg.train.grad_clip_norm)
         for i in range(5):
             step(images, labels, ms.Tensor(1e-3 * (i + 1), ms.float32))
         weights[flat] = {p.name: p.asnumpy() for p in net.trainable_params() if not p.name.endswith("key.bias")}
-    start = build_model(cfg, 3)
+    start = vit_model(cfg, 3)
     assert any(np.abs(weights[True][p.name] - p.asnumpy()).max() > 1e-3 for p in start.trainable_params()
                if p.name in weights[True])
     for name, expected in weights[False].items():

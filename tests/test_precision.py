@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist
-from vit_dist.config import ConfigError, load_config
+from vit_dist.host.config import ConfigError, load_config
 
 PER_STEP = {"train": {"log_interval": 1, "epochs": 1}, "checkpoint": {"every_n_steps": 1, "keep_last": 100}}
 
@@ -79,19 +79,20 @@ def test_the_dynamic_scale_grows_after_each_window_of_finite_steps(tiny_data, tm
 
 
 def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
-    from vit_dist import checkpoint
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
-    from vit_dist.precision import apply_mixed_precision, build_loss_scaler
+    from vit_dist.host.checkpoint_files import Progress
+    from vit_dist.training import checkpoint
+    from conftest import vit_model
+    from vit_dist.training.optim import build_optimizer
+    from vit_dist.training.precision import apply_mixed_precision, build_loss_scaler
 
     config = _per_step_config(tmp_path / "c.yaml", tiny_data, loss_scale="dynamic", loss_scale_value=1.0,
                               loss_scale_window=2)
     ok(vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}"))
     cfg = load_config(config)
-    net = apply_mixed_precision(build_model(cfg, 3), cfg.precision)
+    net = apply_mixed_precision(vit_model(cfg, 3), cfg.precision)
     optimizer, scaler = build_optimizer(net, cfg.train, flat=True), build_loss_scaler(cfg.precision)
     path = last_checkpoint(tmp_path / "run")
-    assert checkpoint.restore(path, net, optimizer, scaler) == checkpoint.Progress(step=6, epoch=1, skipped_steps=0)
+    assert checkpoint.restore(path, net, optimizer, scaler) == Progress(step=6, epoch=1, skipped_steps=0)
     saved = load_params(path)
     assert float(scaler.scale_value.asnumpy()) == saved["loss_scaler.scale_value"] == 8.0
     params = {p.name: p for p in net.get_parameters()}
@@ -123,13 +124,13 @@ def test_fixed_scale_without_overflow_matches_unscaled_o2(tiny_data, tmp_path):
 def test_o2_keeps_layernorm_and_softmax_in_float32_and_o3_casts_everything(level, norm_and_softmax):
     from mindspore import nn
 
-    from vit_dist.models import build_model
+    from conftest import vit_model
     from vit_dist.models.vit import Linear
-    from vit_dist.precision import apply_mixed_precision
+    from vit_dist.training.precision import apply_mixed_precision
 
     cfg = load_config(None, ["model.variant=ti", "model.depth=1", "data.image_size=32", f"precision.amp_level={level}",
                              "parallel.device_target=CPU"])
-    net = apply_mixed_precision(build_model(cfg, 3), cfg.precision)
+    net = apply_mixed_precision(vit_model(cfg, 3), cfg.precision)
     cells = [cell for _, cell in net.cells_and_names()]
     kept = [c for c in cells if isinstance(c, (nn.LayerNorm, nn.Softmax))]
     dense = [c for c in cells if isinstance(c, Linear)]

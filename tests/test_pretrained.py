@@ -9,11 +9,13 @@ import yaml
 from PIL import Image
 
 from conftest import last_checkpoint, load_params, ok, tiny_config, vit_dist
-from vit_dist import checkpoint
+from vit_dist.host.checkpoint_files import head_classes
+from vit_dist.host.errors import CheckpointError
+from vit_dist.training import checkpoint
 from vit_dist.cli import main
-from vit_dist.config import load_config
-from vit_dist.infer import write_predictions
-from vit_dist.models import build_model
+from vit_dist.host.config import load_config
+from vit_dist.tools.infer import write_predictions
+from conftest import vit_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -39,7 +41,7 @@ def our_logits(config, weights, images: np.ndarray) -> np.ndarray:
     import mindspore as ms
 
     cfg = load_config(config)
-    net = build_model(cfg, cfg.model.num_classes or checkpoint.head_classes(weights))
+    net = vit_model(cfg, cfg.model.num_classes or head_classes(weights))
     checkpoint.load_weights(net, weights)
     net.set_train(False)
     return net(ms.Tensor(images)).asnumpy()
@@ -236,7 +238,7 @@ def test_pretrained_of_another_class_count_reinitialises_the_head_and_a_body_mis
 
     def tiny(classes, size=16):
         cfg = load_config(None, ["model.variant=ti", "model.patch_size=8", f"data.image_size={size}", "model.depth=1"])
-        return build_model(cfg, classes)
+        return vit_model(cfg, classes)
 
     source = {p.name: p.asnumpy() for p in tiny(5).get_parameters()}
     save_file(source, str(tmp_path / "five.safetensors"))
@@ -248,6 +250,6 @@ def test_pretrained_of_another_class_count_reinitialises_the_head_and_a_body_mis
                      "unexpected (ignored): none"]
     assert np.array_equal(net.head.weight.asnumpy(), fresh_head)
     assert all(np.array_equal(p.asnumpy(), source[p.name]) for p in net.get_parameters() if "head" not in p.name)
-    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit model\.\*: pos_embed \(1, 5, 192\) vs "
+    with pytest.raises(CheckpointError, match=r"does not fit model\.\*: pos_embed \(1, 5, 192\) vs "
                                                          r"\(1, 10, 192\); .*--image-size"):
         checkpoint.load_pretrained(tiny(5, size=24), tmp_path / "five.safetensors", lines.append)

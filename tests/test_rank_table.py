@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vit_dist.rank_table import (
+from vit_dist.host.rank_table import (
     Device,
     RankTableError,
     load_rank_table,

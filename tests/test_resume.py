@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, ran
 def _best(run_dir) -> str:
     """The kept best checkpoint: the first evaluation with the highest top-1, over the killed and the
     resumed part of a run."""
-    from vit_dist.checkpoint import best_checkpoint, read_manifest
+    from vit_dist.host.checkpoint_files import best_checkpoint, read_manifest
 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"top1"' in line]
     # A kill between an evaluation and its epoch's checkpoint repeats that evaluation after the resume.
@@ -107,18 +107,27 @@ def test_auto_resume_skips_a_corrupt_checkpoint_and_names_it(tiny_data, tmp_path
 
 
 def test_no_room_to_save_stops_with_a_clear_message_and_keeps_the_previous_checkpoint(tiny_data, tmp_path):
-    from vit_dist.checkpoint import verified
+    """A real full disk (ENOSPC): the checkpoints folder is a tmpfs with room for one checkpoint, so
+    the second save (step 6, the first epoch's end) fails. Needs root, as CI has, to mount it."""
+    from vit_dist.host.checkpoint_files import verified
 
     config = tiny_config(tmp_path / "c.yaml", tiny_data, **RESUMABLE)
+    sized = tmp_path / "sized"
+    ok(vit_dist("train", str(config), "--set", "train.max_steps=4", f"train.output_dir={sized}"))
+    size = last_checkpoint(sized).stat().st_size
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    # Writing step 8's temporary file hits a full disk (ENOSPC), as on a real full volume.
-    (run / "checkpoints" / ".step_00000008.tmp.safetensors").symlink_to("/dev/full")
-    result = vit_dist("train", str(config), "--set", "train.max_steps=12", f"train.output_dir={run}")
-    assert result.returncode == 2
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step_00000008.safetensors'}")
-    assert "free disk space" in last_line
-    previous = run / "checkpoints" / "step_00000006.safetensors"
-    assert verified(previous) and set(load_params(previous)) >= {"head.weight", "adamw.step"}
-    assert not (run / "checkpoints" / "step_00000008.safetensors").exists()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(run / "checkpoints")],
+                           capture_output=True, text=True)
+    assert mount.returncode == 0, f"mounting a small tmpfs needs root: {mount.stderr}"
+    try:
+        result = vit_dist("train", str(config), "--set", "train.max_steps=12", f"train.output_dir={run}")
+        assert result.returncode == 2
+        last_line = result.stderr.strip().splitlines()[-1]
+        assert last_line.startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step_00000006.safetensors'}")
+        assert "free disk space" in last_line
+        previous = run / "checkpoints" / "step_00000004.safetensors"
+        assert verified(previous) and set(load_params(previous)) >= {"head.weight", "adamw.step"}
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004.json", previous.name]
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")], check=True)

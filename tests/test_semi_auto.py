@@ -7,19 +7,21 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run, tiny_config, tool_env, PYTHON
-from vit_dist.checkpoint import CheckpointError, _sha256
-from vit_dist.config import ConfigError, load_config, parallel_degrees
-from vit_dist.parallel import planner
+from vit_dist.host.checkpoint_files import sha256 as _sha256
+from vit_dist.host.errors import CheckpointError
+from vit_dist.host.config import ConfigError, load_config
+from vit_dist.host.placement import ParallelDims
+from vit_dist.host import planner
 
 TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=2",
         "model.num_heads=4", "model.mlp_dim=64", "model.drop_path_rate=0", "model.num_classes=8"]
 
 
 def tiny_net(*overrides):
-    from vit_dist.models import build_model
+    from conftest import vit_model
 
     cfg = load_config(None, TINY + list(overrides))
-    return cfg, build_model(cfg, cfg.model.num_classes)
+    return cfg, vit_model(cfg, cfg.model.num_classes)
 
 
 @pytest.mark.parametrize("dp, mp, head", [(8, 1, "data"), (4, 2, "model"), (2, 4, "data"), (1, 8, "model")])
@@ -90,9 +92,10 @@ def test_layout_errors_are_one_line(overrides, message):
 
 def test_world_size_must_be_a_multiple_of_mp():
     cfg = load_config(None, SEMI + ["parallel.model_parallel=4", "parallel.grad_accumulation=2"])
-    assert parallel_degrees(cfg, 16) == (4, 4)
+    dims = ParallelDims.of(cfg, 16)
+    assert (dims.dp, dims.mp, dims.global_batch) == (4, 4, 4 * cfg.train.batch_size * 2)
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel\.model_parallel 4"):
-        parallel_degrees(cfg, 6)
+        ParallelDims.of(cfg, 6)
 
 
 def test_semi_auto_on_cpu_fails_before_anything_compiles(tiny_data, tmp_path):
@@ -110,9 +113,9 @@ def test_planner_parameters_match_the_real_model(overrides):
     from vit_dist.models.vit import count_parameters
 
     cfg, net = tiny_net(*overrides)
-    assert planner.count_parameters(planner.Dims.of(cfg)) == count_parameters(net)
+    assert planner.count_parameters(planner.model_of(cfg)) == count_parameters(net)
     # ViT-B/16, the reference count (test_model checks the real model gives it too).
-    assert planner.count_parameters(planner.Dims.of(load_config(ROOT / "configs" / "vit_b16_imagenet.yaml"))) \
+    assert planner.count_parameters(planner.model_of(load_config(ROOT / "configs" / "vit_b16_imagenet.yaml"))) \
         == 86_567_656
 
 
@@ -122,12 +125,12 @@ def test_planner_activations_match_the_tensors_the_model_produces():
     in PyNative)."""
     import mindspore as ms
 
-    from vit_dist.precision import apply_mixed_precision
+    from vit_dist.training.precision import apply_mixed_precision
 
     cfg, net = tiny_net()
     batch = 3
     x = ms.Tensor(np.random.default_rng(1).standard_normal((batch, 3, 16, 16)).astype(np.float32))
-    dims = planner.Dims.of(cfg)
+    dims = planner.model_of(cfg)
     for amp in ("O0", "O2", "O3"):
         cfg.precision.amp_level = amp
         _, fresh = tiny_net()
@@ -226,7 +229,7 @@ def _strategy_and_slices(run_dir, net, mp):
 def test_merge_checkpoint_rebuilds_the_full_parameters_and_eval_loads_them(tmp_path):
     from safetensors.numpy import load_file
 
-    from vit_dist.checkpoint import load_weights
+    from vit_dist.training.checkpoint import load_weights
 
     _, net = tiny_net()
     full = _strategy_and_slices(tmp_path, net, 4)

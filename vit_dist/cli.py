@@ -1,95 +1,44 @@
 """`vit-dist SUBCOMMAND ...`: argument parsing, then one function call per subcommand.
 
-This is the bootstrap layer: it reads the environment once (through runtime.detect_placement) and
-turns user errors into one line on stderr and a non-zero exit, before any graph compiles.
+User errors (host.errors.UserError) become one line on stderr and exit status 2, whatever the
+subcommand. Subcommands that start MindSpore do so through bootstrap.start, after every check that
+needs none of it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import secrets
 import sys
-import time
 from pathlib import Path
 
-from vit_dist import runtime
-from vit_dist.checkpoint import CheckpointError
-from vit_dist.config import Config, ConfigError, compile_cache_dir, load_config
-from vit_dist.metrics import CLASSES_FILE, RunRecord, read_data_check
-
-EXIT_USER_ERROR = 2
-
-
-def resolve_run_dir(cfg: Config) -> Path:
-    """train.output_dir, or a new runs/<timestamp>-<random> that no other run can collide with."""
-    if cfg.train.output_dir is None:
-        cfg.train.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    return Path(cfg.train.output_dir)
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to train.output_dir {run_dir}: {err.strerror}; "
-                          "choose a writable directory with --set train.output_dir=PATH") from None
-
-
-def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool):
-    """Every check that needs no MindSpore: data folders and image files, batch vs shard, the run
-    directory. The main process says what the data scan found once and records it in the run
-    directory; with reuse_record, that record (for the same file listing) stands in for reading
-    every image header again. Returns (run directory, data.DataScan)."""
-    from vit_dist import data
-    from vit_dist.parallel.layout import RankLayout
-
-    run_dir = resolve_run_dir(cfg)
-    scan = data.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
-    bad = scan.bad_files()
-    if bad and cfg.data.on_bad_image == "error":
-        raise ConfigError(f"{len(bad)} image file(s) the decoder would fail on, the first {bad[0]}; remove them "
-                          f"(vit-dist check-data {cfg.data.root} lists all) or set data.on_bad_image=skip")
-    if is_main and scan.fresh:
-        for line in scan.report():
-            print(line, file=sys.stderr, flush=True)
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist; write it with vit-dist "
-                          "import-weights, or set model.pretrained=null")
-    layout = RankLayout.of(cfg, 0, world_size)
-    data.steps_per_epoch(scan.train.num_images, layout.dp, cfg.train.batch_size, cfg.parallel.grad_accumulation)
-    if cfg.model.num_classes is not None and cfg.model.num_classes < len(scan.classes):
-        raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(scan.classes)} class "
-                          f"folders in {scan.train.path}; set model.num_classes to null or >= {len(scan.classes)}")
-    if is_main:
-        prepare_run_dir(run_dir)
-        if scan.fresh:
-            RunRecord(run_dir, True).write_data_check(scan.record())
-    return run_dir, scan
+from vit_dist import bootstrap
+from vit_dist.host.config import Config, compile_cache_dir, load_config
+from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
+from vit_dist.host.placement import Placement
+from vit_dist.host.preflight import preflight, prepare_run_dir, resolve_run_dir
+from vit_dist.host.run_record import CLASSES_FILE, RunRecord
 
 
 def _start(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
     job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
-    placement = runtime.detect_placement(os.environ)
+    placement = bootstrap.detect_placement(os.environ)
     run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True)
     if placement.distributed:
-        runtime.announce_worker(run_dir, placement.rank)
+        bootstrap.announce_worker(run_dir, placement.rank)
         print(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}",
               file=sys.stderr, flush=True)
-    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
-                                     data_parallel=cfg.parallel.mode == "data",
-                                     compile_cache=compile_cache_dir(cfg, job, placement.world_size))
+    placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                       data_parallel=cfg.parallel.mode == "data",
+                                       compile_cache=compile_cache_dir(cfg, job, placement.world_size))
     return placement, run_dir.resolve(), scan
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     placement, run_dir, scan = _start(cfg, "train")
-    from vit_dist.train import train  # imports mindspore, which must come after _start (runtime.join_mpi_job)
+    from vit_dist.training.loop import train  # imports MindSpore: after bootstrap (the mpirun join)
 
     result = train(cfg, placement, run_dir, scan)
     if placement.is_main and "top1" not in result:  # semi_auto: evaluate the merged checkpoint with vit-dist eval
@@ -105,18 +54,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set)
     placement, run_dir, scan = _start(cfg, "eval")
-    # These import mindspore, which must come after _start (runtime.join_mpi_job).
-    from vit_dist import checkpoint, data
-    from vit_dist.evaluate import evaluate
-    from vit_dist.models import build_model
-    from vit_dist.precision import apply_mixed_precision
+    from vit_dist.training.evaluate import evaluate_checkpoint  # imports MindSpore: after bootstrap
 
-    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes or len(scan.classes)), cfg.precision)
-    checkpoint.load_weights(net, args.ckpt)
-    dataset = data.eval_dataset(cfg, scan.val, scan.classes, placement.rank, placement.world_size,
-                                cfg.train.eval_batch)
-    result = evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images)
     record = RunRecord(run_dir, placement.is_main)
+    result = evaluate_checkpoint(cfg, args.ckpt, placement, scan, record.say)
     record.write_config(cfg)
     record.write_eval(result)
     if placement.is_main:
@@ -126,13 +67,12 @@ def cmd_eval(args) -> int:
 
 def _start_single(cfg: Config) -> None:
     """Inference and export run in this one process, on the configured device."""
-    runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank,
-                         runtime.Placement("single", 0, 1, 0, 1))
+    bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, Placement.single())
 
 
 def cmd_infer(args) -> int:
     cfg = load_config(args.config, args.set)
-    from vit_dist.infer import find_images, format_prediction, run_inference
+    from vit_dist.tools.infer import find_images, format_prediction, run_inference
 
     find_images(args.images)  # a wrong path is one line before the backend starts
     _start_single(cfg)
@@ -145,7 +85,7 @@ def cmd_infer(args) -> int:
 
 def cmd_export(args) -> int:
     cfg = load_config(args.config, args.set)
-    from vit_dist.export import export_model
+    from vit_dist.tools.export import export_model
 
     _start_single(cfg)
     out = export_model(cfg, args.ckpt, args.format, args.out, args.batch_size)
@@ -155,24 +95,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from vit_dist.plot import plot_run
+    from vit_dist.tools.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
 
 def cmd_info(args) -> int:
-    import mindspore as ms
-
-    from vit_dist import data
-    from vit_dist.models import build_model, vit_spec
-    from vit_dist.models.vit import count_parameters, forward_flops
+    from vit_dist.host.datascan import scan_dataset
+    from vit_dist.host.planner import count_parameters
+    from vit_dist.models.spec import ViTSpec, forward_flops
 
     cfg = load_config(args.config, args.set)
-    num_classes = cfg.model.num_classes or len(data.scan_dataset(cfg.data)[2])
-    ms.set_device("CPU")
-    info = {"params": count_parameters(build_model(cfg, num_classes)),
-            "forward_gflops": forward_flops(vit_spec(cfg, num_classes)) / 1e9}
+    num_classes = cfg.model.num_classes or len(scan_dataset(cfg.data)[2])
+    spec = ViTSpec.of(cfg, num_classes)
+    info = {"params": count_parameters(spec), "forward_gflops": forward_flops(spec) / 1e9}
     if args.json:
         print(json.dumps(info))
     else:
@@ -190,15 +127,17 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     # --peak without a config measures this machine's CPU (the defaults target Ascend).
     cfg = load_config(args.config, args.set if args.config else ["parallel.device_target=CPU", *args.set])
-    placement = runtime.detect_placement(os.environ)
+    placement = bootstrap.detect_placement(os.environ)
     if args.data:
         preflight(cfg, placement.world_size, placement.is_main, reuse_record=False)  # before MindSpore starts
     elif not args.peak and cfg.model.num_classes is None:
         raise ConfigError("vit-dist bench trains on synthetic batches and needs model.num_classes; "
                           "set it in the config or with --set model.num_classes=N")
-    placement = runtime.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
-                                     compile_cache=compile_cache_dir(cfg, "bench", placement.world_size))
-    from vit_dist import bench  # imports mindspore, which must come after init_backend (runtime.join_mpi_job)
+    # The train step's cache: bench compiles the very graph training runs, so either fills it for the other.
+    placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                       data_parallel=cfg.parallel.mode == "data",
+                                       compile_cache=compile_cache_dir(cfg, "train", placement.world_size))
+    from vit_dist.tools import bench  # imports MindSpore: after bootstrap (the mpirun join)
 
     if args.peak:
         result = {"peak_gflops": bench.matmul_peak_gflops()}
@@ -234,10 +173,10 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from vit_dist import data
-    from vit_dist.config import DataConfig
+    from vit_dist.host.config import DataConfig
+    from vit_dist.host.datascan import scan_and_check
 
-    scan = data.scan_and_check(DataConfig(root=args.root))
+    scan = scan_and_check(DataConfig(root=args.root))
     for line in scan.train.notes + scan.val.notes:
         print(line)
     bad = scan.bad_files()
@@ -249,7 +188,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from vit_dist.parallel.planner import format_plan, plan
+    from vit_dist.host.planner import format_plan, plan
 
     cfg = load_config(args.config, args.set)
     if args.world < 1 or args.device_memory_gb <= 0:
@@ -267,11 +206,17 @@ def cmd_merge_checkpoint(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from vit_dist.demo_data import write_demo_data
+    from vit_dist.tools.demo_data import write_demo_data
 
     counts = write_demo_data(args.out, args.image_size)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
     return 0
+
+
+def cmd_rank_table(args) -> int:
+    from vit_dist.host.rank_table import main as rank_table_main
+
+    return rank_table_main(args.args)
 
 
 def add_bench_options(p: argparse.ArgumentParser) -> None:
@@ -283,8 +228,9 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_import_weights(args) -> int:
-    from vit_dist import weights
-    from vit_dist.config import dump_yaml, validate
+    from vit_dist.host.atomic import write_atomic
+    from vit_dist.host.config import dump_yaml, validate
+    from vit_dist.tools import weights
 
     if (args.base or args.set) and not args.config_out:
         raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
@@ -299,10 +245,10 @@ def cmd_import_weights(args) -> int:
     weights.report(imported, lambda line: print(line, file=sys.stderr))
     print(f"{weights.describe(imported)}; wrote {len(imported.params)} tensors to {out}")
     if imported.classes:  # where infer looks first
-        (out.parent / CLASSES_FILE).write_text(json.dumps(imported.classes) + "\n")
+        write_atomic(out.parent / CLASSES_FILE, json.dumps(imported.classes) + "\n")
         print(f"wrote the source's {len(imported.classes)} class names to {out.parent / CLASSES_FILE}")
     if args.config_out:
-        Path(args.config_out).write_text(text)
+        write_atomic(args.config_out, text)
         print(f"wrote {args.config_out}")
     return 0
 
@@ -394,22 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides for the --config-out file, e.g. --set data.root=data/x parallel.device_target=CPU")
     p.set_defaults(func=cmd_import_weights)
-    sub.add_parser("rank-table", help="generate, merge or validate HCCL rank tables", add_help=False)
+    p = sub.add_parser("rank-table", help="generate, merge or validate HCCL rank tables", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="vit-dist rank-table --help lists them")
+    p.set_defaults(func=cmd_rank_table)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if runtime.is_scheduler(os.environ):
-        runtime.serve_scheduler(os.environ)
+    if bootstrap.is_scheduler(os.environ):  # msrun and the mpirun bootstrap start this script as the scheduler too
+        bootstrap.serve_scheduler(os.environ)
         return 0
-    if argv[:1] == ["rank-table"]:
-        from vit_dist.rank_table import main as rank_table_main
-
-        return rank_table_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

@@ -1,38 +1,21 @@
 """Vision Transformer ("An Image is Worth 16x16 Words"), as pure MindSpore Cells.
 
 Pre-norm encoder blocks, convolutional patch embedding, class token, learned position embedding,
-stochastic depth. No parallel, precision or I/O code lives here: strategies and mixed precision
-are applied to a built model from outside.
+stochastic depth. The model takes its norm, attention and MLP layers through a declared seam
+(ViTLayers), as timm's `norm_layer`/`attn_layer` do: that is how a backend's kernels plug in. No
+parallel, precision or I/O code lives here: strategies and mixed precision are applied from outside.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, Zero, initializer
 
-
-@dataclass(frozen=True)
-class ViTSpec:
-    image_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    num_classes: int
-    in_channels: int = 3
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    drop_path_rate: float = 0.0
-    layer_norm_eps: float = 1e-6
-    gelu_approximate: bool = False
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+from vit_dist.models.spec import ViTSpec
 
 
 class Linear(nn.Cell):
@@ -75,7 +58,7 @@ class GELU(nn.Cell):
         return self.half(self.mul(x, cdf), self.one_half.astype(dtype))
 
 
-def _layer_norm(spec: ViTSpec) -> nn.LayerNorm:
+def layer_norm(spec: ViTSpec) -> nn.LayerNorm:
     return nn.LayerNorm((spec.embed_dim,), epsilon=spec.layer_norm_eps)
 
 
@@ -159,15 +142,24 @@ class Mlp(nn.Cell):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+@dataclass(frozen=True)
+class ViTLayers:
+    """The seam: each field builds one layer from the spec. A replacement keeps the stock layer's
+    Parameters and their names (checkpoints and shard strategies refer to them) and its mathematics."""
+    norm: Callable[[ViTSpec], nn.Cell] = layer_norm  # over the last axis: norm1, norm2 and the final norm
+    attention: Callable[[ViTSpec], nn.Cell] = Attention
+    mlp: Callable[[ViTSpec], nn.Cell] = Mlp
+
+
 class Block(nn.Cell):
     """Pre-norm encoder block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
-    def __init__(self, spec: ViTSpec, drop_path: float):
+    def __init__(self, spec: ViTSpec, drop_path: float, layers: ViTLayers):
         super().__init__()
-        self.norm1 = _layer_norm(spec)
-        self.attn = Attention(spec)
-        self.norm2 = _layer_norm(spec)
-        self.mlp = Mlp(spec)
+        self.norm1 = layers.norm(spec)
+        self.attn = layers.attention(spec)
+        self.norm2 = layers.norm(spec)
+        self.mlp = layers.mlp(spec)
         self.drop_path = DropPath(drop_path)
 
     def construct(self, x):
@@ -176,7 +168,7 @@ class Block(nn.Cell):
 
 
 class VisionTransformer(nn.Cell):
-    def __init__(self, spec: ViTSpec):
+    def __init__(self, spec: ViTSpec, layers: ViTLayers = ViTLayers()):
         super().__init__()
         self.spec = spec
         self.patch_embed = PatchEmbed(spec)
@@ -186,8 +178,8 @@ class VisionTransformer(nn.Cell):
         self.pos_drop = nn.Dropout(p=spec.dropout)
         # Stochastic depth grows linearly with depth, from 0 at the first block.
         rates = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
-        self.blocks = nn.SequentialCell([Block(spec, rate) for rate in rates])
-        self.norm = _layer_norm(spec)
+        self.blocks = nn.SequentialCell([Block(spec, rate, layers) for rate in rates])
+        self.norm = layers.norm(spec)
         self.head = Linear(spec.embed_dim, spec.num_classes)
 
     def construct(self, x):
@@ -200,12 +192,3 @@ class VisionTransformer(nn.Cell):
 
 def count_parameters(net: nn.Cell) -> int:
     return sum(p.size for p in net.trainable_params())
-
-
-def forward_flops(spec: ViTSpec) -> int:
-    """Forward FLOPs per image, counting a multiply-add as 2; norms, softmax and GELU are ignored."""
-    tokens = spec.num_patches + 1
-    d = spec.embed_dim
-    patch_embed = 2 * spec.num_patches * spec.patch_size ** 2 * spec.in_channels * d
-    per_block = 2 * tokens * (4 * d * d + 2 * d * spec.mlp_dim) + 4 * tokens * tokens * d
-    return patch_embed + spec.depth * per_block + 2 * d * spec.num_classes

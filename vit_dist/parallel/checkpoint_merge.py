@@ -11,7 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vit_dist.checkpoint import SUFFIX, CheckpointError, checkpoint_dir, verified
+from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir, verified
+from vit_dist.host.errors import CheckpointError
 
 RANK_DIR = re.compile(r"rank_(\d+)")
 MERGED_NAME = "merged"

@@ -5,7 +5,7 @@ from typing import Callable
 
 import numpy as np
 
-from vit_dist.runtime import Placement
+from vit_dist.host.placement import Placement
 
 
 def gradient_reducer(placement: Placement) -> Callable:

@@ -17,11 +17,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit_dist.checkpoint import CheckpointError
+from vit_dist.host.atomic import atomic_path
+from vit_dist.host.errors import CheckpointError
+from vit_dist.models.spec import VIT_VARIANTS, standard_heads
 
 SOURCES = ("timm", "hf", "mindcv")
-# Heads per width of the standard ViT sizes, for sources whose files do not record it (timm, MindCV).
-STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 # Keys of ViT variants whose computation this project's model does not have: importing them
 # without those parts would give a different network, so it is refused.
 UNSUPPORTED = re.compile(r"(^|\.)(fc_norm|reg_token|dist_token|head_dist|ls1|ls2|q_norm|k_norm|norm_pre|attn_pool|"
@@ -309,7 +309,7 @@ def _heads_from_name(architecture: str) -> Optional[int]:
 
 
 def _standard_heads(imported: Imported) -> int:
-    heads = STANDARD_HEADS.get(imported.embed_dim)
+    heads = standard_heads(imported.embed_dim)
     if heads is None:
         raise CheckpointError(f"width {imported.embed_dim} is not a standard ViT size and the file does not record "
                               "the number of heads; pass --num-heads")
@@ -378,27 +378,21 @@ def _new_head(imported: Imported, num_classes: int, seed: int) -> None:
 def save_imported(imported: Imported, out: str | Path, source: str) -> Path:
     """Writes the parameters as safetensors (what checkpoint.load_weights and model.pretrained read),
     via a temporary file and a rename."""
-    import os
-
     from safetensors.numpy import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in imported.params.items()}, str(tmp),
-                  metadata={"format": "pt", "converted_from": source})
-        os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in imported.params.items()}, str(tmp),
+                      metadata={"format": "pt", "converted_from": source})
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {out}: {err.strerror}; choose a writable path") from None
     return out
 
 
 def apply_to_config(cfg, imported: Imported, weights: Path) -> None:
     """The model section (and image size, normalisation) that reproduces the source, fine-tuning from weights."""
-    from vit_dist.config import VIT_VARIANTS
-
     m = cfg.model
     widths = (imported.embed_dim, imported.depth, imported.num_heads)
     m.variant = next((name for name, w in VIT_VARIANTS.items() if w == widths), m.variant)

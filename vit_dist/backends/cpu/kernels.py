@@ -1,12 +1,12 @@
 """Fused float32 CPU kernels for what MindSpore's CPU backend runs slowest in a ViT step: LayerNorm
 (its LayerNormGrad takes about 11 ns per element on one thread), the exact GELU (scalar erf and exp,
 and a Pow in its autodiff backward) with fc1's bias, and attention (head transposes, BatchMatMuls and
-an unfused softmax backward, each a pass over memory). `cpu_kernels.cc` is compiled once with
-the system's C++ compiler into MindSpore AOT custom ops and applied to a built model from outside,
-as mixed precision and shard strategies are: the model file stays pure. Same mathematics: outputs
-and gradients equal MindSpore's own ops within float32 rounding (tested).
+an unfused softmax backward, each a pass over memory). `kernels.cc` is compiled once with the
+system's C++ compiler into MindSpore AOT custom ops, and the layers that run them plug into the
+model's seam (models.vit.ViTLayers). Same mathematics and Parameters: outputs and gradients equal
+MindSpore's own ops within float32 rounding (tested).
 
-Without a compiler, or with one that fails, training keeps MindSpore's ops and says so once."""
+Without a compiler, or with one that fails, the model keeps MindSpore's layers (backends says so once)."""
 from __future__ import annotations
 
 import ctypes
@@ -17,15 +17,15 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from functools import partial
 from typing import Callable, Optional
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from vit_dist.config import Config
-from vit_dist.models.vit import GELU, Attention, Mlp
-from vit_dist.runtime import cpu_threads
+from vit_dist.models.spec import ViTSpec
+from vit_dist.models.vit import Attention, Mlp, ViTLayers
 
 SOURCE = Path(__file__).with_suffix(".cc")
 # -ffast-math lets GCC call glibc's vectorised erff/expf (libmvec, glibc 2.35+); --no-undefined turns
@@ -38,7 +38,7 @@ COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
 def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Optional[Path]:
-    """Compiles cpu_kernels.cc once per source, compiler and host (-march=native) into cache_dir (a
+    """Compiles kernels.cc once per source, compiler and host (-march=native) into cache_dir (a
     per-user folder under the temporary directory by default) and returns the library, or None if
     no build succeeds or the folder is not private to this user. Concurrent ranks each write a
     temporary file and rename it into place."""
@@ -112,15 +112,25 @@ def custom_ops(library: Path, threads: int) -> dict:
 
 
 class FusedLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm through the fused op: fuse() sets `fused` and `epsilon_tensor` on an existing cell."""
+    """nn.LayerNorm over the last axis through the fused op."""
+
+    def __init__(self, spec: ViTSpec, fused):
+        super().__init__((spec.embed_dim,), epsilon=spec.layer_norm_eps)
+        self.fused = fused
+        self.epsilon_tensor = ms.Tensor([spec.layer_norm_eps], ms.float32)
 
     def construct(self, x):
         return self.fused(x, self.gamma, self.beta, self.epsilon_tensor)[0]
 
 
 class FusedAttention(Attention):
-    """Attention through the fused op, q, k and v from one MatMul over their weights side by side: fuse()
-    sets `fused` and `head_scale` (the scale once per head) on an existing cell."""
+    """Attention through the fused op, q, k and v from one MatMul over their weights side by side (the
+    Parameters stay query/key/value/out); the scale is passed once per head. No attention dropout."""
+
+    def __init__(self, spec: ViTSpec, fused):
+        super().__init__(spec)
+        self.fused = fused
+        self.head_scale = ms.Tensor(np.full(self.num_heads, self.scale, np.float32))
 
     def construct(self, x):
         b, t, d = x.shape
@@ -131,7 +141,11 @@ class FusedAttention(Attention):
 
 
 class FusedMlp(Mlp):
-    """Mlp with fc1's bias added inside the fused exact GELU: fuse() sets `fused` on an existing cell."""
+    """Mlp with fc1's bias added inside the fused exact GELU."""
+
+    def __init__(self, spec: ViTSpec, fused):
+        super().__init__(spec)
+        self.fused = fused
 
     def construct(self, x):
         hidden = self.fc1.matmul(x.reshape(-1, x.shape[-1]), self.fc1.weight)
@@ -139,33 +153,23 @@ class FusedMlp(Mlp):
         return self.drop(out.reshape(x.shape[:-1] + (-1,)))
 
 
-def fuse(net, ops_by_name: dict) -> int:
-    """Runs every nn.LayerNorm over the last axis, every Attention without attention dropout and every
-    Mlp with the exact GELU of a built ViT through the fused ops; returns how many cells now do. Each
-    cell changes class in place, keeping its Parameters and their names (and its place in amp's lists)."""
-    fused = 0
-    for _, cell in net.cells_and_names():
-        if isinstance(cell, nn.LayerNorm) and len(cell.normalized_shape) == 1:
-            cell.__class__ = FusedLayerNorm
-            cell.fused = ops_by_name["layer_norm"]
-            cell.epsilon_tensor = ms.Tensor([cell.epsilon], ms.float32)
-        elif isinstance(cell, Attention) and cell.attn_drop.p == 0:
-            cell.__class__ = FusedAttention
-            cell.fused = ops_by_name["attention"]
-            cell.head_scale = ms.Tensor(np.full(cell.num_heads, cell.scale, np.float32))
-        elif isinstance(cell, Mlp) and isinstance(cell.act, GELU):
-            cell.__class__ = FusedMlp
-            cell.fused = ops_by_name["bias_gelu"]
-        else:
-            continue
-        fused += 1
-    return fused
+def fused_layers(ops_by_name: dict) -> ViTLayers:
+    """The seam's layers on the fused ops: every LayerNorm; attention where it has no attention
+    dropout and the MLP where its GELU is the exact one (the kernels compute neither alternative)."""
+
+    def attention(spec: ViTSpec) -> nn.Cell:
+        return FusedAttention(spec, ops_by_name["attention"]) if spec.attention_dropout == 0 else Attention(spec)
+
+    def mlp(spec: ViTSpec) -> nn.Cell:
+        return Mlp(spec) if spec.gelu_approximate else FusedMlp(spec, ops_by_name["bias_gelu"])
+
+    return ViTLayers(norm=partial(FusedLayerNorm, fused=ops_by_name["layer_norm"]), attention=attention, mlp=mlp)
 
 
 class StepSignal:
     """Lets the host thread sleep while a train step runs on the CPU backend. MindSpore's host thread
     otherwise spins in its runtime queue's wait for the whole step; even at idle priority
-    (runtime.yield_cores_to_kernels) it takes over a core whenever a kernel thread yields it, until the
+    (host.yield_cores_to_kernels) it takes over a core whenever a kernel thread yields it, until the
     next scheduler tick, several times a step. The step ends with `mark` (the StepDone op), and
     `paced` makes each call block, without using the CPU, until that op has run."""
 
@@ -192,31 +196,3 @@ class StepSignal:
             return outputs
 
         return step
-
-
-def step_signal(cfg: Config) -> Optional[StepSignal]:
-    """A StepSignal on the CPU backend where the kernels library builds (parallel.fused_cpu_kernels on),
-    else None."""
-    if not _wanted(cfg):
-        return None
-    library = build_library()
-    return StepSignal(library) if library else None
-
-
-def _wanted(cfg: Config) -> bool:
-    return cfg.parallel.fused_cpu_kernels and cfg.parallel.device_target == "CPU"
-
-
-def apply_fused_cpu_kernels(net, cfg: Config, local_world_size: int, say: Callable[[str], None]) -> bool:
-    """Fuses the net's LayerNorms, attention and MLPs when training in float32 on the CPU backend with
-    parallel.fused_cpu_kernels on (the default), on the kernel threads MindSpore gets; says why not
-    if the library cannot be built. Returns whether the net now runs the fused ops."""
-    if not (_wanted(cfg) and cfg.precision.amp_level == "O0"):
-        return False
-    library = build_library()
-    if library is None:
-        say("note: no C++ compiler built vit_dist/cpu_kernels.cc (g++ with C++17): LayerNorm, GELU and attention run "
-            "on MindSpore's slower CPU kernels; install g++, or set parallel.fused_cpu_kernels=false to silence this")
-        return False
-    fuse(net, custom_ops(library, cpu_threads(cfg.parallel.threads_per_rank, local_world_size)))
-    return True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vit_dist.config import ConfigError
+from vit_dist.host.errors import ConfigError, DependencyError
 
 PLOT_FILE = "curves.png"
 # (metrics.jsonl key, panel title); a panel whose key no record has is left out.
@@ -42,7 +42,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ConfigError("plotting needs matplotlib: pip install 'vit-dist[plot]' (or pip install matplotlib)") \
+        raise DependencyError("plotting needs matplotlib: pip install 'vit-dist[plot]' (or pip install matplotlib)") \
             from None
 
     run_dir = Path(run_dir)

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.experimental.optim import AdamW
 
-from vit_dist.config import TrainConfig
+from vit_dist.host.config import TrainConfig
 
 # Parameters that are not weight matrices: decaying them only hurts (ViT/DeiT recipe).
 NO_DECAY_NAMES = ("pos_embed", "cls_token")

@@ -1,7 +1,7 @@
 """Memory and communication per device for a ViT layout (dp x mp), in closed form.
 
 Pure Python (no MindSpore import), so `vit-dist plan` answers at once. The figures follow the layout
-semi_auto.py sets: attention q/k/v/context, scores, softmax, MLP fc1 and GELU split over mp; the
+parallel/semi_auto.py sets: attention q/k/v/context, scores, softmax, MLP fc1 and GELU split over mp; the
 residual stream (LayerNorm, out and fc2 results) whole on every model-parallel rank; embeddings,
 norms and biases of row-parallel layers replicated. Master weights and gradients are float32 at
 every amp level (MindSpore casts inside the ops), AdamW keeps two float32 moments.
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from vit_dist.config import AMP_LEVELS, Config, ConfigError
+from vit_dist.host.config import AMP_LEVELS, Config
+from vit_dist.host.errors import ConfigError
+from vit_dist.host.placement import ParallelDims
+from vit_dist.models.spec import ViTSpec
 
 FLOAT32 = 4
 ADAM_MOMENTS = 2
@@ -22,31 +25,15 @@ GIB = 1024 ** 3
 ACTIVATION_BYTES = {"O0": (4, 4, 4), "O1": (2, 4, 4), "O2": (2, 2, 2), "O3": (2, 2, 2)}
 
 
-@dataclass(frozen=True)
-class Dims:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    image_size: int
-    num_classes: int
-    in_channels: int = 3
-
-    @property
-    def tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-    @classmethod
-    def of(cls, cfg: Config) -> "Dims":
-        m = cfg.model
-        if m.num_classes is None:
-            raise ConfigError("vit-dist plan needs model.num_classes (it reads no data); set it with "
-                              "--set model.num_classes=1000")
-        return cls(m.embed_dim, m.depth, m.num_heads, m.mlp_dim, m.patch_size, cfg.data.image_size, m.num_classes)
+def model_of(cfg: Config) -> ViTSpec:
+    """The config's model; the planner reads no data, so the class count must be set."""
+    if cfg.model.num_classes is None:
+        raise ConfigError("vit-dist plan needs model.num_classes (it reads no data); set it with "
+                          "--set model.num_classes=1000")
+    return ViTSpec.of(cfg, cfg.model.num_classes)
 
 
-def parameter_split(dims: Dims, head_parallel: bool = False) -> tuple[int, int]:
+def parameter_split(dims: ViTSpec, head_parallel: bool = False) -> tuple[int, int]:
     """(parameters split over mp, parameters every model-parallel rank holds whole); their sum is the
     model's trainable parameter count."""
     d, mlp = dims.embed_dim, dims.mlp_dim
@@ -59,11 +46,11 @@ def parameter_split(dims: Dims, head_parallel: bool = False) -> tuple[int, int]:
     return split, whole
 
 
-def count_parameters(dims: Dims) -> int:
+def count_parameters(dims: ViTSpec) -> int:
     return sum(parameter_split(dims))
 
 
-def activation_elements(dims: Dims, mp: int = 1) -> dict[str, int]:
+def activation_elements(dims: ViTSpec, mp: int = 1) -> dict[str, int]:
     """Elements one sample leaves per block for the backward pass on one device, by kind: the results
     of norm1, q, k, v, context, out, norm2, fc2 (tokens x dim), scores and softmax (heads x tokens^2),
     fc1 and GELU (tokens x mlp). The split ones are divided by mp."""
@@ -75,7 +62,7 @@ def activation_elements(dims: Dims, mp: int = 1) -> dict[str, int]:
     }
 
 
-def activation_bytes(dims: Dims, micro_batch: int, amp_level: str, mp: int = 1) -> int:
+def activation_bytes(dims: ViTSpec, micro_batch: int, amp_level: str, mp: int = 1) -> int:
     """Bytes of block activations one device holds for a micro-batch (all blocks)."""
     sizes = ACTIVATION_BYTES[amp_level]
     elements = activation_elements(dims, mp)
@@ -86,20 +73,6 @@ def activation_bytes(dims: Dims, micro_batch: int, amp_level: str, mp: int = 1) 
 def ring_all_reduce_bytes(nbytes: int, ranks: int) -> float:
     """What each rank sends in a ring all-reduce of nbytes (reduce-scatter + all-gather)."""
     return 2 * (ranks - 1) / ranks * nbytes
-
-
-@dataclass(frozen=True)
-class Layout:
-    world: int
-    mp: int
-    amp_level: str
-    optimizer_shard: bool
-    grad_accumulation: int
-    micro_batch: int  # per data-parallel replica
-
-    @property
-    def dp(self) -> int:
-        return self.world // self.mp
 
 
 @dataclass(frozen=True)
@@ -123,31 +96,32 @@ class Estimate:
     fits: bool
 
 
-def estimate(dims: Dims, layout: Layout, budget_gb: float, head_parallel: bool = False) -> Estimate:
-    mp, dp, k = layout.mp, layout.dp, layout.grad_accumulation
+def estimate(dims: ViTSpec, layout: ParallelDims, amp_level: str, optimizer_shard: bool, budget_gb: float,
+             head_parallel: bool = False) -> Estimate:
+    mp, dp, k = layout.mp, layout.dp, layout.accumulation
     split, whole = parameter_split(dims, head_parallel and mp > 1)
     params = split // mp + whole
-    weight_share = dp if layout.optimizer_shard else 1  # MindSpore's level1 shards weights and optimizer state
+    weight_share = dp if optimizer_shard else 1  # MindSpore's level1 shards weights and optimizer state
     parameter = params * FLOAT32 / weight_share
     gradient = params * FLOAT32
     optimizer = params * FLOAT32 * ADAM_MOMENTS / weight_share
-    activation = activation_bytes(dims, layout.micro_batch, layout.amp_level, mp)
+    activation = activation_bytes(dims, layout.micro_batch, amp_level, mp)
     grad_sync = ring_all_reduce_bytes(params * FLOAT32, dp)  # reduce-scatter + all-gather with the shard too
     if mp == 1:
         comm, kind = grad_sync, "data-parallel gradient all-reduce"
     else:
         # Per block and micro-batch: the out and fc2 partial sums all-reduced in the forward pass, the
         # gradients of the q/k/v and fc1 inputs in the backward pass, each micro_batch x tokens x dim.
-        act_size = ACTIVATION_BYTES[layout.amp_level][0]
+        act_size = ACTIVATION_BYTES[amp_level][0]
         per_block = 4 * ring_all_reduce_bytes(layout.micro_batch * dims.tokens * dims.embed_dim * act_size, mp)
         comm, kind = grad_sync + k * dims.depth * per_block, "per-layer model-parallel all-reduces + dp gradient sync"
     total = parameter + gradient + optimizer + activation
-    return Estimate(layout.world, dp, mp, layout.amp_level, layout.optimizer_shard, k, layout.micro_batch,
-                    layout.micro_batch * dp * k, params, parameter / GIB, gradient / GIB, optimizer / GIB,
+    return Estimate(layout.world, dp, mp, amp_level, optimizer_shard, k, layout.micro_batch, layout.global_batch,
+                    params, parameter / GIB, gradient / GIB, optimizer / GIB,
                     activation / GIB, total / GIB, comm / GIB, kind, total / GIB <= budget_gb)
 
 
-def valid_mps(dims: Dims, world: int) -> list[int]:
+def valid_mps(dims: ViTSpec, world: int) -> list[int]:
     """Model-parallel degrees the layout admits: powers of two up to 64 dividing heads, widths and world."""
     return [mp for mp in (1, 2, 4, 8, 16, 32, 64)
             if world % mp == 0 and not (dims.num_heads % mp or dims.embed_dim % mp or dims.mlp_dim % mp)]
@@ -157,7 +131,7 @@ def plan(cfg: Config, world: int, mp: int | None, budget_gb: float) -> dict:
     """Every amp level x optimizer shard x accumulation for the config's global batch at one mp (the
     given one, or the recommended one), and the recommendation: the smallest mp whose layout at the
     config's own amp level, shard and accumulation fits the budget."""
-    dims = Dims.of(cfg)
+    dims = model_of(cfg)
     p = cfg.parallel
     head_parallel = p.head == "model"
     candidates = valid_mps(dims, world)
@@ -165,17 +139,17 @@ def plan(cfg: Config, world: int, mp: int | None, budget_gb: float) -> dict:
         raise ConfigError(f"--mp {mp} does not divide world {world}, num_heads {dims.num_heads}, embed_dim "
                           f"{dims.embed_dim} and mlp_dim {dims.mlp_dim}; valid: {candidates}")
 
-    def layout(m: int, amp: str, shard: bool, k: int) -> Layout:
-        global_batch = cfg.train.batch_size * (world // m) * p.grad_accumulation
-        return Layout(world, m, amp, shard, k, global_batch // ((world // m) * k))
+    def layout(m: int, k: int) -> ParallelDims:
+        """mp m with k micro-batches per step, at the config's per-replica batch."""
+        return ParallelDims.split(world, m, cfg.train.batch_size * p.grad_accumulation // k, k, semi_auto=True)
 
-    own = [estimate(dims, layout(m, cfg.precision.amp_level, p.optimizer_shard, p.grad_accumulation), budget_gb,
+    own = [estimate(dims, layout(m, p.grad_accumulation), cfg.precision.amp_level, p.optimizer_shard, budget_gb,
                     head_parallel) for m in candidates]
     recommended = next((e.mp for e in own if e.fits), None)
     chosen = mp or recommended or candidates[-1]
     per_replica = cfg.train.batch_size * p.grad_accumulation
     accumulations = sorted({k for k in (1, p.grad_accumulation, 4) if per_replica % k == 0})
-    rows = [estimate(dims, layout(chosen, amp, shard, k), budget_gb, head_parallel)
+    rows = [estimate(dims, layout(chosen, k), amp, shard, budget_gb, head_parallel)
             for amp in AMP_LEVELS for shard in (False, True) for k in accumulations]
     return {"model": asdict(dims), "params": count_parameters(dims), "world": world, "budget_gb": budget_gb,
             "mp": chosen, "recommended_mp": recommended, "by_mp": [asdict(e) for e in own],

@@ -1,7 +1,8 @@
-"""The process's place in the job, read from the environment once, and the backend brought up.
+"""The bootstrap layer: the process's place in the job, read from the environment once; the mpirun
+bootstrap of MindSpore's cluster; the scheduler role; the backend brought up.
 
 This is the only module that reads launcher environment variables. Everything below it receives
-a `Placement`.
+a `Placement`. It imports MindSpore only inside init_backend, after the mpirun bootstrap.
 """
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 from typing import Mapping
+
+from vit_dist.host.atomic import write_atomic
+from vit_dist.host.placement import Placement
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
 # Under mpirun: the address rank 0 starts MindSpore's scheduler on (launch/mpirun.sh --master-addr).
@@ -28,23 +33,6 @@ NODE_TIMEOUT = "MS_NODE_TIMEOUT"
 MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 
 
-@dataclass(frozen=True)
-class Placement:
-    launcher: str  # single | msrun | mpirun | rank_table
-    rank: int
-    world_size: int
-    local_rank: int  # also the device id on Ascend/GPU
-    local_world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
 # RUN_DIR/logs/pids/<pid> holds the rank of the worker with that pid: a launcher told only the pid of
 # a dead worker (msrun) finds its rank there.
 PIDS_DIR = ("logs", "pids")
@@ -52,13 +40,9 @@ PIDS_DIR = ("logs", "pids")
 
 def announce_worker(run_dir, rank: int) -> None:
     """Writes RUN_DIR/logs/pids/<this pid> = rank (under msrun across nodes the rank is provisional)."""
-    from pathlib import Path
-
     folder = Path(run_dir).joinpath(*PIDS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{os.getpid()}.tmp"
-    tmp.write_text(f"{rank}\n")
-    tmp.replace(folder / str(os.getpid()))
+    write_atomic(folder / str(os.getpid()), f"{rank}\n")
 
 
 def is_scheduler(env: Mapping[str, str]) -> bool:
@@ -93,16 +77,18 @@ def detect_placement(env: Mapping[str, str]) -> Placement:
     if env.get("MS_ROLE") == "MS_WORKER":  # msrun (or any MindSpore dynamic-cluster bootstrap)
         world = int(env["MS_WORKER_NUM"])
         local_rank = int(env.get("DEVICE_ID", "0"))
-        return Placement("msrun", int(env.get("RANK_ID", local_rank)), world, local_rank,
-                         int(env.get("LOCAL_WORLD_SIZE", world)))
+        return Placement(launcher="msrun", rank=int(env.get("RANK_ID", local_rank)), world_size=world,
+                         local_rank=local_rank, local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
     if "OMPI_COMM_WORLD_SIZE" in env:  # OpenMPI's mpirun
-        return Placement("mpirun", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                         int(env["OMPI_COMM_WORLD_LOCAL_RANK"]), int(env["OMPI_COMM_WORLD_LOCAL_SIZE"]))
+        return Placement(launcher="mpirun", rank=int(env["OMPI_COMM_WORLD_RANK"]),
+                         world_size=int(env["OMPI_COMM_WORLD_SIZE"]),
+                         local_rank=int(env["OMPI_COMM_WORLD_LOCAL_RANK"]),
+                         local_world_size=int(env["OMPI_COMM_WORLD_LOCAL_SIZE"]))
     if "RANK_TABLE_FILE" in env and "RANK_SIZE" in env:
         local_rank = int(env.get("DEVICE_ID", "0"))
-        return Placement("rank_table", int(env["RANK_ID"]), int(env["RANK_SIZE"]), local_rank,
-                         int(env.get("LOCAL_WORLD_SIZE", "1")))
-    return Placement("single", 0, 1, 0, 1)
+        return Placement(launcher="rank_table", rank=int(env["RANK_ID"]), world_size=int(env["RANK_SIZE"]),
+                         local_rank=local_rank, local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")))
+    return Placement.single()
 
 
 def join_mpi_job(placement: Placement, env: Mapping[str, str]) -> None:
@@ -164,25 +150,6 @@ def _stop_scheduler(scheduler: subprocess.Popen, node_timeout: float) -> None:
     scheduler.wait()
 
 
-def cpu_threads(threads_per_rank: int, local_world_size: int) -> int:
-    """Kernel threads per rank on the CPU backend: ranks sharing a node split its cores, since
-    oversubscribed ranks spin against each other."""
-    if threads_per_rank:
-        return threads_per_rank
-    return max(1, (os.cpu_count() or 1) // local_world_size)
-
-
-def yield_cores_to_kernels(device_target: str) -> None:
-    """On the CPU backend, puts the calling thread in SCHED_IDLE. MindSpore's Python thread busy-waits
-    while the kernel threads run a step (in the runtime pipeline's queue wait), taking a core from them;
-    at idle priority it runs only on a core they leave free, and a step takes about a third less time.
-    Call it once kernel threads exist (after the first step): threads and processes started later
-    inherit the policy, and an unprivileged thread cannot leave it. A no-op on other backends and
-    where the OS has no SCHED_IDLE."""
-    if device_target == "CPU" and hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
 def enable_compile_cache(path: str) -> None:
     """MindSpore saves each compiled graph under path (a folder per rank) and a later launch of the
     same code and config loads it instead of compiling. Read when a graph compiles, so it is set in
@@ -206,6 +173,8 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
     ms.set_context(mode=ms.GRAPH_MODE)
     if device_target == "CPU":
         ms.set_device("CPU")
+        from vit_dist.backends.cpu.host import cpu_threads
+
         ms.device_context.cpu.op_tuning.threads_num(cpu_threads(threads_per_rank, placement.local_world_size))
     else:
         ms.set_device(device_target, placement.local_rank)

@@ -13,11 +13,14 @@ import time
 
 import numpy as np
 
-from vit_dist.config import Config
-from vit_dist.models import vit_spec
-from vit_dist.models.vit import forward_flops
+from vit_dist.data import pipeline
+from vit_dist.host import datascan
+from vit_dist.host.config import Config
+from vit_dist.host.placement import Placement
+from vit_dist.host.run_record import say
+from vit_dist.models.spec import ViTSpec, train_flops_per_image
 from vit_dist.parallel.data_parallel import all_reduce_sum
-from vit_dist.runtime import Placement, yield_cores_to_kernels
+from vit_dist.training.assemble import Training, build_training
 
 # Distinct synthetic batches cycled through, so no step reuses the previous step's input buffer.
 SYNTHETIC_BATCHES = 2
@@ -49,31 +52,27 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size ** 3 / statistics.median(times) / 1e9
 
 
-def train_flops_per_image(cfg: Config) -> float:
-    """Forward + backward FLOPs of one image: 3x the forward's matmul FLOPs (backward is two matmuls
-    per forward matmul), the convention MFU figures use."""
-    return 3.0 * forward_flops(vit_spec(cfg, cfg.model.num_classes))
-
-
-def synthetic_batches(cfg: Config, count: int = SYNTHETIC_BATCHES) -> list:
+def synthetic_batches(cfg: Config, batch: int, count: int = SYNTHETIC_BATCHES) -> list:
+    """Batches of the shapes and types the training pipeline yields."""
     import mindspore as ms
 
     rng = np.random.default_rng(cfg.train.seed)
-    size, batch = cfg.data.image_size, cfg.train.batch_size
+    size = cfg.data.image_size
     return [(ms.Tensor(rng.standard_normal((batch, 3, size, size), np.float32)),
              ms.Tensor(rng.integers(0, cfg.model.num_classes, batch, np.int32))) for _ in range(count)]
 
 
-def time_steps(train_step, batches: list, lr, steps: int, warmup: int, device_target: str) -> dict:
+def time_steps(run: Training, batches: list, lr, steps: int, warmup: int) -> dict:
     """Runs 1 + warmup + steps steps, each read back to the host (so each one's time is its own), as
-    training runs them (runtime.yield_cores_to_kernels after the first); returns the first step's
+    training runs them (the backend's after_first_step after the first); returns the first step's
     time and the timed steps' data-wait and compute times."""
+    train_step = run.step
     source = itertools.cycle(batches)
     started = time.perf_counter()
     images, labels = next(source)
     train_step(images, labels, lr)[0].asnumpy()
     first = time.perf_counter() - started
-    yield_cores_to_kernels(device_target)
+    run.backend.after_first_step()
     for _ in range(warmup):
         images, labels = next(source)
         train_step(images, labels, lr)[0].asnumpy()
@@ -98,15 +97,15 @@ def peak_memory_mib(device_target: str) -> float:
     return ms.runtime.max_memory_allocated() / 2 ** 20
 
 
-def summarize(cfg: Config, placement: Placement, times: dict, peak_gflops: float) -> dict:
-    """Per-device figures from this rank's step times; global ones summed over ranks (a collective)."""
-    batch = cfg.train.batch_size
+def summarize(cfg: Config, placement: Placement, batch: int, times: dict, peak_gflops: float) -> dict:
+    """Per-device figures from this rank's step times (`batch` images a step); global ones summed over
+    ranks (a collective)."""
     step_times = [w + c for w, c in zip(times["waits"], times["computes"])]
     per_device = sorted(batch / t for t in step_times)
     median = statistics.median(per_device)
     median_step = statistics.median(step_times)
     global_median, global_min, global_max = all_reduce_sum([median, per_device[0], per_device[-1]], placement)
-    flops = train_flops_per_image(cfg)
+    flops = train_flops_per_image(ViTSpec.of(cfg, cfg.model.num_classes))
     return {
         "images_per_sec": float(global_median),
         "images_per_sec_min": float(global_min),
@@ -131,44 +130,27 @@ def summarize(cfg: Config, placement: Placement, times: dict, peak_gflops: float
 
 
 def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak_gflops: float | None) -> dict:
-    """The training step vit-dist trains with (train.make_train_step), on synthetic batches."""
+    """The training step vit-dist trains with (training.assemble.build_training: accumulation, precision,
+    backend layers and all), on synthetic batches of the shape its pipeline yields."""
     import mindspore as ms
 
-    from vit_dist.cpu_kernels import apply_fused_cpu_kernels, step_signal
-    from vit_dist.metrics import say
-    from vit_dist.models import build_model
-    from vit_dist.optim import build_optimizer
-    from vit_dist.parallel.data_parallel import gradient_reducer
-    from vit_dist.precision import apply_mixed_precision, build_loss_scaler
-    from vit_dist.train import make_train_step
-
-    ms.set_seed(cfg.train.seed)
-    net = apply_mixed_precision(build_model(cfg, cfg.model.num_classes), cfg.precision)
-    fused = apply_fused_cpu_kernels(net, cfg, placement.local_world_size, lambda message: say(message, placement.is_main))
-    net.set_train(True)
-    optimizer = build_optimizer(net, cfg.train, flat=True)
-    train_step = make_train_step(net, optimizer, gradient_reducer(placement),
-                                 cfg.train.label_smoothing, cfg.train.grad_clip_norm,
-                                 build_loss_scaler(cfg.precision), cfg.precision.min_loss_scale,
-                                 signal=step_signal(cfg))
-    times = time_steps(train_step, synthetic_batches(cfg), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup,
-                       cfg.parallel.device_target)
+    run = build_training(cfg, cfg.model.num_classes, placement, lambda line: say(line, placement.is_main))
+    batch = run.dims.global_batch if run.dims.semi_auto else run.dims.rank_batch  # semi_auto's graph sees all
+    times = time_steps(run, synthetic_batches(cfg, batch), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup)
     # Measured after the steps, so the peak is taken on the same (possibly shared) machine state.
     peak = peak_gflops or matmul_peak_gflops()
-    return {**summarize(cfg, placement, times, peak), "fused_cpu_kernels": fused}
+    return {**summarize(cfg, placement, batch, times, peak), "fused_cpu_kernels": run.backend.fused}
 
 
 def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:
     """The training input pipeline alone (decode + augment + batch with data.num_workers), on this
     rank's shard of data.root/train; the first batch (pipeline start-up) is not timed."""
-    from vit_dist import data
-
-    split, _, classes = data.scan_dataset(cfg.data)
-    per_epoch = data.steps_per_epoch(split.num_images, placement.world_size, cfg.train.batch_size)
-    dataset = data.train_dataset(cfg, split, classes, placement.rank, placement.world_size)
+    split, _, classes = datascan.scan_dataset(cfg.data)
+    per_epoch = datascan.steps_per_epoch(split.num_images, placement.world_size, cfg.train.batch_size)
+    dataset = pipeline.train_dataset(cfg, split, classes, placement.rank, placement.world_size, cfg.train.batch_size)
     epochs = -(-(batches + 1) // per_epoch)
     iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
-    # Each pass over a multi-epoch iterator yields one epoch (as in train.py's loop).
+    # Each pass over a multi-epoch iterator yields one epoch (as in training/loop.py).
     stream = (batch for _ in range(epochs) for batch in iterator)
     started = time.perf_counter()
     next(stream)

@@ -6,8 +6,10 @@ from typing import Optional
 
 import numpy as np
 
-from vit_dist.checkpoint import CheckpointError
-from vit_dist.config import Config, ConfigError
+from vit_dist.host.config import Config
+from vit_dist.host.errors import CheckpointError, ConfigError
+from vit_dist.host.placement import Placement
+from vit_dist.host.run_record import say
 
 FORMATS = {"mindir": ".mindir", "onnx": ".onnx"}
 
@@ -18,8 +20,7 @@ def export_model(cfg: Config, checkpoint_path: str | Path, fmt: str, out: Option
     returns the file's path (OUT, or the checkpoint's name with the format's suffix)."""
     import mindspore as ms
 
-    from vit_dist import checkpoint
-    from vit_dist.models import build_model
+    from vit_dist.training.assemble import model_from_checkpoint
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt} is not supported; use one of {', '.join(FORMATS)}")
@@ -29,9 +30,9 @@ def export_model(cfg: Config, checkpoint_path: str | Path, fmt: str, out: Option
     out = Path(out) if out else Path(checkpoint_path).with_suffix(suffix)
     if out.suffix != suffix:
         raise ConfigError(f"--out {out}: MindSpore appends {suffix} to the name; give a name ending in {suffix}")
-    net = build_model(cfg, cfg.model.num_classes or checkpoint.head_classes(checkpoint_path))
-    checkpoint.load_weights(net, checkpoint_path)
-    net.set_train(False)
+    # Stock layers: a graph with this machine's custom-op library in it would load nowhere else.
+    net = model_from_checkpoint(cfg, checkpoint_path, Placement.single(), lambda line: say(line, True),
+                                portable=True)
     size = cfg.data.image_size
     example = ms.Tensor(np.zeros((batch_size, 3, size, size), np.float32))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from vit_dist.parallel.data_parallel import all_reduce_sum
-from vit_dist.runtime import Placement
+from vit_dist.host.placement import Placement
 
 
 def real_mask(batch_index: int, batch_size: int, count: int, placement: Placement, num_images: int) -> np.ndarray:
@@ -39,3 +39,13 @@ def evaluate(net, dataset, batch_size: int, placement: Placement, num_images: in
         raise RuntimeError(f"evaluation saw {int(images)} of {num_images} images: the shard layout is not the one "
                            "real_mask assumes")
     return {"top1": float(top1) / float(images), "top5": float(top5) / float(images), "images": int(images)}
+
+
+def evaluate_checkpoint(cfg, path, placement: Placement, scan, say) -> dict:
+    """`vit-dist eval`: the checkpoint's model, built as training builds it, on every rank's val shard."""
+    from vit_dist.data.pipeline import eval_dataset
+    from vit_dist.training.assemble import model_from_checkpoint
+
+    net = model_from_checkpoint(cfg, path, placement, say, cfg.model.num_classes or len(scan.classes))
+    dataset = eval_dataset(cfg, scan.val, scan.classes, placement.rank, placement.world_size, cfg.train.eval_batch)
+    return evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images)

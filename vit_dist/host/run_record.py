@@ -9,7 +9,9 @@ import math
 import sys
 from pathlib import Path
 
-from vit_dist.config import Config, dump_yaml
+from vit_dist.host.atomic import write_atomic
+from vit_dist.host.config import Config, dump_yaml
+from vit_dist.host.errors import UserError
 
 DATA_CHECK_FILE = "data_check.json"
 CLASSES_FILE = "classes.json"  # class names in index order: written by training and import-weights, read by infer
@@ -51,12 +53,12 @@ class RunRecord:
 
     def write_config(self, cfg: Config) -> None:
         if self.is_main:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            write_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
 
     def write_classes(self, classes: dict[str, int]) -> None:
         """The class names in index order, so that inference can name predictions without the dataset."""
         if self.is_main:
-            (self.run_dir / CLASSES_FILE).write_text(json.dumps(sorted(classes, key=classes.get)) + "\n")
+            write_atomic(self.run_dir / CLASSES_FILE, json.dumps(sorted(classes, key=classes.get)) + "\n")
 
     def log(self, record: dict, line: str) -> None:
         """Prints the line and appends the record to metrics.jsonl."""
@@ -68,22 +70,21 @@ class RunRecord:
 
     def write_data_check(self, record: dict) -> None:
         if self.is_main:
-            _write_atomically(self.run_dir / DATA_CHECK_FILE, json.dumps(record))
+            write_atomic(self.run_dir / DATA_CHECK_FILE, json.dumps(record))
 
     def write_eval(self, result: dict) -> None:
         if self.is_main:
-            (self.run_dir / "eval.json").write_text(json.dumps(result) + "\n")
+            write_atomic(self.run_dir / "eval.json", json.dumps(result) + "\n")
 
     def write_plot(self) -> None:
         """RUN_DIR/curves.png; a missing matplotlib (the optional `plot` extra) is one line, not a failure."""
         if not self.is_main:
             return
-        from vit_dist.config import ConfigError
-        from vit_dist.plot import plot_run
+        from vit_dist.tools.plot import plot_run
 
         try:
             self.say(f"wrote {plot_run(self.run_dir)}")
-        except ConfigError as err:
+        except UserError as err:  # no matplotlib, or nothing to plot
             self.say(f"no plot: {err}")
 
     def say(self, message: str) -> None:
@@ -93,13 +94,6 @@ class RunRecord:
 def _finite(record: dict) -> dict:
     # JSON has no NaN/inf: a diverged loss is written as null rather than breaking readers.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Other ranks may read the file while rank 0 writes it.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def read_data_check(run_dir: Path) -> dict | None:

@@ -18,19 +18,9 @@ from typing import Any, Optional
 
 import yaml
 
+from vit_dist.host.errors import ConfigError
+from vit_dist.models.spec import VIT_VARIANTS
 
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the problem and the fix."""
-
-
-# name: (embed_dim, depth, num_heads), as in "An Image is Worth 16x16 Words" and DeiT; MLP 4x wide.
-VIT_VARIANTS = {
-    "ti": (192, 12, 3),
-    "s": (384, 12, 6),
-    "b": (768, 12, 12),
-    "l": (1024, 24, 16),
-    "h": (1280, 32, 16),
-}
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
@@ -113,7 +103,7 @@ class ParallelConfig:
     head: str = "data"  # semi_auto: the classifier replicated (data) or its classes split over mp (model)
     device_target: str = "Ascend"
     threads_per_rank: int = 0  # CPU backend kernel threads; 0: cores / ranks on this node
-    fused_cpu_kernels: bool = True  # CPU backend: vit_dist/cpu_kernels.cc (needs g++): fused LayerNorm, bias+GELU
+    fused_cpu_kernels: bool = True  # CPU backend: vit_dist/backends/cpu/kernels.cc (needs g++): fused LayerNorm, bias+GELU
     # and attention in float32, and the host thread sleeping through each step
 
 
@@ -350,22 +340,6 @@ def _validate_parallel(cfg: Config) -> None:
     if p.head == "model" and m.num_classes is not None and m.num_classes % p.model_parallel:
         raise ConfigError(f"parallel.head=model splits model.num_classes {m.num_classes} over parallel.model_parallel "
                           f"{p.model_parallel}, which does not divide it; use parallel.head=data")
-
-
-def rank_batch(cfg: Config) -> int:
-    """Images a data-parallel replica takes per optimizer step: grad_accumulation micro-batches."""
-    return cfg.train.batch_size * cfg.parallel.grad_accumulation
-
-
-def parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(dp, mp) for a job of world_size ranks. train.batch_size is what each replica takes per micro-batch,
-    so the global batch, batch_size * dp * grad_accumulation, is a multiple of dp by construction. Ranks r and r+1 share a data-parallel replica: MindSpore's
-    device matrix (dp, mp) runs the last axis fastest, so rank = dp_index * mp + mp_index."""
-    mp = cfg.parallel.model_parallel
-    if world_size % mp:
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.model_parallel {mp}; "
-                          f"launch a multiple of {mp} ranks or change model_parallel")
-    return world_size // mp, mp
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

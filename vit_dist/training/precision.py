@@ -2,11 +2,11 @@
 
 O1 casts the white-listed ops (MatMul, Conv, ...) to low precision; O2 casts the whole network but
 keeps LayerNorm and softmax in float32; O3 casts everything. The loss is computed in float32 at every
-level (train.make_train_step casts the logits).
+level (training.step casts the logits).
 """
 from __future__ import annotations
 
-from vit_dist.config import PrecisionConfig
+from vit_dist.host.config import PrecisionConfig
 
 # Prefix of the scaler's state in checkpoints: its Parameters have generic names ("scale_value").
 SCALER_PREFIX = "loss_scaler."

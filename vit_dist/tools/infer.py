@@ -13,9 +13,11 @@ from typing import Optional
 
 import numpy as np
 
-from vit_dist.config import Config, ConfigError
-from vit_dist.data import is_image
-from vit_dist.metrics import CLASSES_FILE
+from vit_dist.host.config import Config
+from vit_dist.host.datascan import is_image
+from vit_dist.host.errors import ConfigError, DataError
+from vit_dist.host.placement import Placement
+from vit_dist.host.run_record import CLASSES_FILE, say
 
 
 def find_images(path: str | Path) -> list[Path]:
@@ -45,7 +47,7 @@ def preprocess(paths: list[Path], cfg: Config) -> np.ndarray:
     """(N, 3, H, W) float32 through the eval transform training used (decode, resize, crop, normalise)."""
     import mindspore.dataset.transforms as transforms
 
-    from vit_dist.data import eval_transforms
+    from vit_dist.data.pipeline import eval_transforms
 
     pipeline = transforms.Compose(eval_transforms(cfg.data))
     batch = []
@@ -53,7 +55,7 @@ def preprocess(paths: list[Path], cfg: Config) -> np.ndarray:
         try:
             batch.append(pipeline(np.fromfile(path, np.uint8)))
         except RuntimeError:
-            raise ConfigError(f"cannot decode image {path}; remove it or pass other --images") from None
+            raise DataError(f"cannot decode image {path}; remove it or pass other --images") from None
     return np.stack(batch)
 
 
@@ -103,15 +105,15 @@ def write_predictions(predictions: list[dict], out: str | Path) -> None:
 
 def run_inference(cfg: Config, checkpoint_path: str | Path, images: str | Path, topk: int,
                   out: Optional[str | Path]) -> list[dict]:
-    from vit_dist import checkpoint
-    from vit_dist.models import build_model
+    from vit_dist.host.checkpoint_files import head_classes
+    from vit_dist.training.assemble import model_from_checkpoint
 
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
     paths = find_images(images)
-    num_classes = cfg.model.num_classes or checkpoint.head_classes(checkpoint_path)
-    net = build_model(cfg, num_classes)
-    checkpoint.load_weights(net, checkpoint_path)
+    num_classes = cfg.model.num_classes or head_classes(checkpoint_path)
+    net = model_from_checkpoint(cfg, checkpoint_path, Placement.single(), lambda line: say(line, True),
+                                num_classes)
     predictions = predict(net, paths, cfg, min(cfg.train.eval_batch, len(paths)),
                           class_names(checkpoint_path, num_classes), topk)
     if out:

@@ -1,8 +1,6 @@
-"""ImageFolder input: scan and check the folders, shard by rank, transform, batch.
-
-The scan (pure Python, no MindSpore) runs before anything compiles, so a missing split or a class
-mismatch is one clear line; the pipelines use MindSpore's ImageFolderDataset with C++ transforms.
-"""
+"""The ImageFolder scan: both splits listed as ImageFolderDataset reads them, checked (classes,
+bad image files) before anything compiles, so a missing split or a class mismatch is one clear
+line; and the shard arithmetic (images per rank, steps per epoch)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit_dist.config import Config, ConfigError, DataConfig, rank_batch
+from vit_dist.host.config import DataConfig
+from vit_dist.host.errors import ConfigError, DataError
+from vit_dist.host.image_check import find_problems
 
 # What MindSpore's native decoder reads; other files in a class folder are not images to it.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -70,10 +70,10 @@ def scan_split(root: Path, split: str) -> Split:
     """Lists root/split as ImageFolderDataset will read it; hidden class folders are not classes."""
     path = root / split
     if not root.is_dir():
-        raise ConfigError(f"data.root {root} does not exist; point data.root at a folder holding train/ and val/ "
+        raise DataError(f"data.root {root} does not exist; point data.root at a folder holding train/ and val/ "
                           "(vit-dist demo-data OUT writes one)")
     if not path.is_dir():
-        raise ConfigError(f"data.root {root} has no {split}/ folder; put one folder per class under {path}")
+        raise DataError(f"data.root {root} has no {split}/ folder; put one folder per class under {path}")
     entries = sorted(path.iterdir(), key=lambda p: os.fsencode(p.name))
     classes = tuple(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
     files, hidden, ignored = [], [], {"stray": [], "subfolders": [], "empty": []}
@@ -87,7 +87,7 @@ def scan_split(root: Path, split: str) -> Split:
         if len(images) == sum(image.startswith(".") for image in images):
             ignored["empty"].append(name)
     if len(files) == len(hidden):
-        raise ConfigError(f"{path} holds no images in class folders; expected {path}/<class>/<image>.jpg|png")
+        raise DataError(f"{path} holds no images in class folders; expected {path}/<class>/<image>.jpg|png")
     notes = _scan_notes(path, [files[i] for i in hidden], ignored)
     return Split(path, classes, tuple(files), tuple(hidden), notes=notes)
 
@@ -115,7 +115,7 @@ def class_indexing(train: Split, val: Split) -> dict[str, int]:
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise ConfigError(f"class folders differ between {train.path} and {val.path}: "
+        raise DataError(f"class folders differ between {train.path} and {val.path}: "
                           f"only in train {only_train}, only in val {only_val}; give both splits the same classes")
     return {name: index for index, name in enumerate(train.classes)}
 
@@ -135,67 +135,6 @@ def steps_per_epoch(num_images: int, world_size: int, batch_size: int, accumulat
                           f"({num_images} images over {world_size} data-parallel ranks); lower train.batch_size"
                           f"{' or parallel.grad_accumulation' if micro else ''}")
     return per_rank // (batch_size * accumulation)
-
-
-def _normalize_ops(cfg: DataConfig):
-    import mindspore.dataset.vision as vision
-
-    return [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
-
-
-def train_transforms(cfg: DataConfig) -> list:
-    """The MindSpore ViT tutorial's augmentation, or the eval transform when augmentation is off."""
-    import mindspore.dataset.vision as vision
-
-    if not cfg.augment:
-        return eval_transforms(cfg)
-    ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
-    if cfg.hflip_prob > 0:
-        ops.append(vision.RandomHorizontalFlip(cfg.hflip_prob))
-    return ops + _normalize_ops(cfg)
-
-
-def eval_transforms(cfg: DataConfig) -> list:
-    import mindspore.dataset.vision as vision
-
-    # The decoder always yields 3-channel RGB, whatever the file's mode (L, RGBA, CMYK, P, 16-bit).
-    resize = int(cfg.image_size / cfg.eval_crop_fraction)
-    return [vision.Decode(), vision.Resize(resize), vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
-
-
-def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: int, world_size: int,
-                  transforms: list, num_workers: int):
-    import mindspore as ms
-    import mindspore.dataset as ds
-    import mindspore.dataset.transforms as transforms_
-
-    # The shard is drawn from the kept files only; a shuffled one reshuffles every epoch from the seed.
-    sampler = ds.DistributedSampler(num_shards=world_size, shard_id=rank, shuffle=shuffle)
-    if split.excluded:
-        sampler.add_child(ds.SubsetSampler(split.kept()))
-    dataset = ds.ImageFolderDataset(str(split.path), sampler=sampler, class_indexing=classes,
-                                    extensions=list(READ_EXTENSIONS), decode=False)
-    dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=num_workers)
-    return dataset.map(transforms_.TypeCast(ms.int32), input_columns="label")
-
-
-def train_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int):
-    """This rank's shard, reshuffled every epoch from train.seed, in batches of train.batch_size x
-    parallel.grad_accumulation (the train step splits them into micro-batches)."""
-    import mindspore.dataset as ds
-
-    # Every rank draws the same permutation, so the shards stay disjoint.
-    ds.config.set_seed(cfg.train.seed)
-    dataset = _image_folder(split, classes, cfg.data.shuffle, rank, world_size, train_transforms(cfg.data),
-                            cfg.data.num_workers)
-    return dataset.batch(rank_batch(cfg), drop_remainder=True)
-
-
-def eval_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int, batch_size: int):
-    """This rank's shard in file order; rank r's i-th image is the dataset's (i * world + r)-th,
-    so the padding ImageFolderDataset appends can be told apart (see evaluate.py)."""
-    dataset = _image_folder(split, classes, False, rank, world_size, eval_transforms(cfg.data), cfg.data.num_workers)
-    return dataset.batch(batch_size, drop_remainder=False)
 
 
 def scan_dataset(cfg: DataConfig) -> tuple[Split, Split, dict[str, int]]:
@@ -235,8 +174,6 @@ class DataScan:
 
 def check_images(split: Split) -> Split:
     """The split with every file the decoder would fail on marked bad, with the reason."""
-    from vit_dist.image_check import find_problems
-
     candidates = [i for i in range(len(split.files)) if i not in split.hidden]
     problems = find_problems([split.path / split.files[i] for i in candidates])
     return dataclasses.replace(split, bad=tuple((candidates[j], reason) for j, reason in sorted(problems.items())))

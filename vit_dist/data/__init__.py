@@ -1,0 +1,1 @@
+"""Input pipelines (MindSpore dataset ops); the scan that precedes them is host.datascan."""

@@ -1,0 +1,62 @@
+"""The input pipelines: MindSpore's ImageFolderDataset over a scanned split (host.datascan), sharded
+by data-parallel replica, with C++ transforms, batched."""
+from __future__ import annotations
+
+import mindspore as ms
+import mindspore.dataset as ds
+import mindspore.dataset.transforms as transforms_
+import mindspore.dataset.vision as vision
+
+from vit_dist.host.config import Config, DataConfig
+from vit_dist.host.datascan import READ_EXTENSIONS, Split
+
+
+def _normalize_ops(cfg: DataConfig):
+    return [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
+
+
+def train_transforms(cfg: DataConfig) -> list:
+    """The MindSpore ViT tutorial's augmentation, or the eval transform when augmentation is off."""
+    if not cfg.augment:
+        return eval_transforms(cfg)
+    ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
+    if cfg.hflip_prob > 0:
+        ops.append(vision.RandomHorizontalFlip(cfg.hflip_prob))
+    return ops + _normalize_ops(cfg)
+
+
+def eval_transforms(cfg: DataConfig) -> list:
+    # The decoder always yields 3-channel RGB, whatever the file's mode (L, RGBA, CMYK, P, 16-bit).
+    resize = int(cfg.image_size / cfg.eval_crop_fraction)
+    return [vision.Decode(), vision.Resize(resize), vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
+
+
+def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: int, world_size: int,
+                  transforms: list, num_workers: int):
+    # The shard is drawn from the kept files only; a shuffled one reshuffles every epoch from the seed.
+    sampler = ds.DistributedSampler(num_shards=world_size, shard_id=rank, shuffle=shuffle)
+    if split.excluded:
+        sampler.add_child(ds.SubsetSampler(split.kept()))
+    dataset = ds.ImageFolderDataset(str(split.path), sampler=sampler, class_indexing=classes,
+                                    extensions=list(READ_EXTENSIONS), decode=False)
+    dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=num_workers)
+    return dataset.map(transforms_.TypeCast(ms.int32), input_columns="label")
+
+
+def train_dataset(cfg: Config, split: Split, classes: dict[str, int], shard: int, num_shards: int, batch_size: int):
+    """Shard `shard` of `num_shards` (a data-parallel replica's), reshuffled every epoch from train.seed,
+    in batches of batch_size (ParallelDims.rank_batch: the train step splits them into micro-batches)."""
+    # Every rank draws the same permutation, so the shards stay disjoint.
+    ds.config.set_seed(cfg.train.seed)
+    dataset = _image_folder(split, classes, cfg.data.shuffle, shard, num_shards, train_transforms(cfg.data),
+                            cfg.data.num_workers)
+    return dataset.batch(batch_size, drop_remainder=True)
+
+
+def eval_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int, batch_size: int):
+    """This rank's shard in file order; rank r's i-th image is the dataset's (i * world + r)-th,
+    so the padding ImageFolderDataset appends can be told apart (see training/evaluate.py)."""
+    dataset = _image_folder(split, classes, False, rank, world_size, eval_transforms(cfg.data), cfg.data.num_workers)
+    return dataset.batch(batch_size, drop_remainder=False)
+
+

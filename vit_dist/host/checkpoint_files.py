@@ -1,0 +1,146 @@
+"""Checkpoint files without MindSpore: where they go, their manifests (step, epoch, config digest,
+sha256), verification, pruning, keep-best, what train.resume resolves to, and a head's class count
+read from a safetensors header. Writing the tensors is training.checkpoint's part."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vit_dist.host.atomic import atomic_path, fsync_dir, write_atomic
+from vit_dist.host.errors import CheckpointError
+
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands, saved with the tensors."""
+    step: int
+    epoch: int
+    skipped_steps: int = 0  # steps left out for non-finite gradients, since the start of the run
+
+
+def checkpoint_dir(run_dir: Path, slice_rank: int | None = None) -> Path:
+    """checkpoints/, or checkpoints/rank_N/ for the slices rank N holds under semi_auto."""
+    folder = run_dir / "checkpoints"
+    return folder if slice_rank is None else folder / f"rank_{slice_rank}"
+
+
+def checkpoint_path(run_dir: Path, step: int, slice_rank: int | None = None) -> Path:
+    return checkpoint_dir(run_dir, slice_rank) / f"step_{step:08d}{SUFFIX}"
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(manifest_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """The manifest of checkpoint `path`, durable: it vouches for the file beside it."""
+    write_atomic(manifest_path(path), json.dumps(manifest), durable=True)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified(path: Path) -> bool:
+    """The file is complete: its manifest exists and the checksum matches."""
+    try:
+        return read_manifest(path).get("sha256") == sha256(path)
+    except OSError:
+        return False
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    """Deletes all but the newest keep_last step checkpoints in folder (best_* are kept apart)."""
+    for old in sorted(folder.glob(f"step_*{SUFFIX}"))[:-keep_last]:
+        remove(old)
+
+
+def remove(path: Path) -> None:
+    path.unlink()
+    manifest_path(path).unlink(missing_ok=True)
+
+
+def best_checkpoint(run_dir: Path) -> tuple[Path, float] | None:
+    """The kept best checkpoint and its val top-1, if there is one that verifies."""
+    for path in sorted(checkpoint_dir(run_dir).glob(f"best_step_*{SUFFIX}"), reverse=True):
+        if verified(path):
+            return path, float(read_manifest(path)["top1"])
+    return None
+
+
+def keep_best(run_dir: Path, path: Path, top1: float) -> Path:
+    """Keeps the checkpoint `path` as checkpoints/best_step_N (a hard link where the file system has
+    them: no copy, and pruning `path` later leaves it), with its val top-1 in the manifest; then
+    removes the previous best. A crash in between leaves two bests, never none."""
+    best = path.with_name(f"best_{path.name}")
+    try:
+        with atomic_path(best) as tmp:
+            tmp.unlink()
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+        write_manifest(best, {**read_manifest(path), "top1": top1})
+        fsync_dir(best.parent)
+    except OSError as err:
+        raise CheckpointError(f"cannot keep {path} as the best checkpoint ({err.strerror}); free disk space, then "
+                              "resume with train.resume=auto") from None
+    for old in checkpoint_dir(run_dir).glob(f"best_step_*{SUFFIX}"):
+        if old != best:
+            remove(old)
+    return best
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """train.resume resolved: None, the given file, or (auto) the newest checkpoint in run_dir that
+    verifies; a corrupt or truncated one is skipped with a warning naming it."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    for candidate in sorted(checkpoint_dir(run_dir).glob(f"step_*{SUFFIX}"), reverse=True):
+        if verified(candidate):
+            return candidate
+        print(f"warning: skipping checkpoint {candidate}: missing manifest or checksum mismatch", file=sys.stderr)
+    return None
+
+
+def missing_checkpoint(path: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} does not exist; pass --ckpt RUN_DIR/checkpoints/step_N{SUFFIX}")
+
+
+def head_classes(path: str | Path) -> int:
+    """The class count of a checkpoint's head, read from the safetensors header alone."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise missing_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if "head.bias" not in f.keys():
+                raise CheckpointError(f"checkpoint {path} has no head (imported with --drop-head?); fine-tune it "
+                                      "first, or import it with its head")
+            return int(f.get_slice("head.bias").get_shape()[0])
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None

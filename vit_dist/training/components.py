@@ -1,0 +1,155 @@
+"""The training loop's components, each owning its cadence and state: IntervalLogger (timing, the
+reduced loss, overflow counts, the first step's compile), Checkpointer (resume, every_n_steps and
+epoch-end saves, keep_last, keep-best) and Evaluator (when to evaluate, exact top-1/top-5)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from vit_dist.host import checkpoint_files as files
+from vit_dist.host.checkpoint_files import Progress
+from vit_dist.host.config import CheckpointConfig
+from vit_dist.host.placement import Placement
+from vit_dist.host.run_record import RunRecord, format_eval_line, format_train_line
+from vit_dist.parallel.checkpoint_merge import merge
+from vit_dist.parallel.data_parallel import all_reduce_sum
+from vit_dist.training import checkpoint
+from vit_dist.training.assemble import Training
+from vit_dist.training.evaluate import evaluate
+
+
+class IntervalLogger:
+    """Every log_interval steps (and at the last), rank 0 logs the loss averaged over ranks and the
+    interval's throughput and data wait. Every rank must call after_step at every step: the log is
+    a collective. The first step's graph compile is kept out of the throughput."""
+
+    def __init__(self, record: RunRecord, run: Training, placement: Placement, log_interval: int,
+                 total_steps: int, learning_rates: list[float], skipped: int):
+        self.record, self.run, self.placement = record, run, placement
+        self.log_interval, self.total_steps, self.learning_rates = log_interval, total_steps, learning_rates
+        self.skipped = skipped  # steps left out for overflow since the run started, the same on every rank
+        self.first_step_done = False
+        self.restart()
+
+    def restart(self) -> None:
+        """Starts a new interval (after a log, or an evaluation whose time is not the step's)."""
+        self.started, self.data_wait, self.untimed = time.perf_counter(), 0.0, 0
+        self.losses, self.finite = [], []
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """The batches, the wait for each counted as data wait."""
+        iterator = iter(batches)
+        while True:
+            fetched = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.data_wait += time.perf_counter() - fetched
+            yield batch
+
+    def after_step(self, step: int, epoch: int, loss, finite) -> None:
+        self.losses.append(loss)
+        self.finite.append(finite)
+        if not self.first_step_done:
+            self.first_step_done = True
+            self.record.say(f"first step (graph compile included) took {time.perf_counter() - self.started:.1f}s")
+            self.run.backend.after_first_step()
+            self.started, self.data_wait, self.untimed = time.perf_counter(), 0.0, 1
+        if step % self.log_interval == 0 or step == self.total_steps:
+            self._log(step, epoch)
+            self.restart()
+
+    def _log(self, step: int, epoch: int) -> None:
+        loss_sum, count = all_reduce_sum([sum(float(loss.asnumpy()) for loss in self.losses), len(self.losses)],
+                                         self.placement)
+        overflows = sum(not bool(finite.asnumpy()) for finite in self.finite)
+        self.skipped += overflows
+        elapsed = time.perf_counter() - self.started
+        timed = len(self.losses) - self.untimed
+        step_time = elapsed / timed if timed else float("nan")
+        entry = {"step": step, "epoch": epoch, "total_steps": self.total_steps, "loss": float(loss_sum / count),
+                 "lr": float(self.learning_rates[step - 1]),
+                 "images_per_sec": self.run.dims.global_batch / step_time, "data_wait": self.data_wait / elapsed,
+                 "eta_s": (self.total_steps - step) * step_time}
+        if self.run.scaler is not None:
+            entry.update(loss_scale=float(self.run.scaler.scale_value.asnumpy()), overflows=overflows,
+                         skipped_steps=self.skipped)
+        self.record.log(entry, format_train_line(entry))
+
+
+class Checkpointer:
+    """Rank 0 saves the training state (under semi_auto every rank its slices) every every_n_steps
+    steps within an epoch and at every epoch end, after that epoch's evaluation, keeping the last
+    keep_last and, by val top-1, the best."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, run: Training, placement: Placement,
+                 steps_per_epoch: int, digest: str):
+        self.cfg, self.run_dir, self.run, self.steps_per_epoch, self.digest = cfg, run_dir, run, steps_per_epoch, digest
+        self.saves = placement.is_main or run.dims.semi_auto  # semi_auto: every rank holds slices of its own
+        self.slice_rank = placement.rank if run.dims.semi_auto else None
+        self.last: Optional[Path] = None
+        self.best = files.best_checkpoint(run_dir) if placement.is_main else None  # (path, top1)
+
+    def restore(self, resume: Optional[str], say) -> Progress:
+        """Loads train.resume (a path, or auto: the newest verified checkpoint) into the run; returns
+        where training stood (the start, without one)."""
+        path = files.resume_path(resume, self.run_dir)
+        if path is None:
+            if resume == "auto":
+                say(f"no verified checkpoint in {files.checkpoint_dir(self.run_dir)}: starting from scratch")
+            return Progress(0, 0)
+        progress = checkpoint.restore(path, self.run.net, self.run.optimizer, self.run.scaler)
+        say(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
+        written_under = files.read_manifest(path).get("config")
+        if written_under not in (None, self.digest):
+            say(f"warning: {path} was written under another config (digest {written_under}, now {self.digest}); "
+                "the run continues with the current one")
+        return progress
+
+    def after_step(self, progress: Progress) -> None:
+        """A mid-epoch save every every_n_steps; the epoch's last step is saved at its end."""
+        every = self.cfg.every_n_steps
+        if every and progress.step % every == 0 and progress.step % self.steps_per_epoch:
+            self.save(progress)
+
+    def at_epoch_end(self, progress: Progress, evaluation: Optional[dict]) -> None:
+        """Saves this step (unless already saved) and keeps it as the best if its evaluation is."""
+        if self.last != files.checkpoint_path(self.run_dir, progress.step, self.slice_rank):
+            self.save(progress)
+        if evaluation is not None and self.last is not None and (self.best is None or evaluation["top1"] > self.best[1]):
+            self.best = files.keep_best(self.run_dir, self.last, evaluation["top1"]), evaluation["top1"]
+
+    def save(self, progress: Progress) -> None:
+        if self.saves:
+            self.last = checkpoint.save(self.run_dir, self.run.net, self.run.optimizer, self.run.scaler, progress,
+                                        self.cfg.keep_last, self.digest, self.slice_rank)
+
+    def summary(self, placement: Placement) -> dict:
+        """The last and best checkpoints; under semi_auto, once every rank has saved its slices, the
+        last ones merged into one checkpoint by rank 0 (vit-dist eval takes it)."""
+        if self.run.dims.semi_auto:
+            all_reduce_sum([1], placement)
+            return {"checkpoint": str(merge(self.run_dir)) if placement.is_main else None}
+        return {"checkpoint": str(self.last) if self.last else None,
+                "best_checkpoint": str(self.best[0]) if self.best else None}
+
+
+class Evaluator:
+    """Exact top-1/top-5 of the model on every rank's val shard, every eval_every_epochs epochs and at
+    the end; none under semi_auto (its slices are evaluated after the merge)."""
+
+    def __init__(self, eval_every_epochs: int, run: Training, dataset, batch_size: int, placement: Placement,
+                 num_images: int, record: RunRecord):
+        self.every, self.run, self.dataset, self.batch_size = eval_every_epochs, run, dataset, batch_size
+        self.placement, self.num_images, self.record = placement, num_images, record
+
+    def maybe_evaluate(self, progress: Progress, final: bool) -> Optional[dict]:
+        if self.run.dims.semi_auto or not (final or (self.every and progress.epoch % self.every == 0)):
+            return None
+        result = evaluate(self.run.net, self.dataset, self.batch_size, self.placement, self.num_images)
+        self.record.log({"step": progress.step, "epoch": progress.epoch, **result},
+                        format_eval_line({"epoch": progress.epoch, **result}))
+        return result
+
