@@ -1,0 +1,1 @@
+"""Commands beside training: bench, infer, export, weight import, demo data, plots."""
