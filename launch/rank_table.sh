@@ -147,6 +147,7 @@ wait_for_workers() {
             sleep 1
         fi
     done
+    pids=()  # all reaped: their ids may be reused, so the EXIT trap must not signal them
 }
 
 parse_command_line "$@"
@@ -154,6 +155,7 @@ put_python_first_on_path
 read_rank_table
 split_cores
 if [[ -n $dry_run ]]; then
+    # Pre-flight makes the run directory, so a dry run, which creates nothing, names it RUN_DIR.
     run_dir=RUN_DIR
     log_dir=$run_dir/logs
 else
