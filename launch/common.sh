@@ -1,5 +1,6 @@
-# Sourced by launch/msrun.sh and launch/mpirun.sh: what both launchers do around their own start of
-# the workers. The command line, the pre-flight check, the one-screen summary, the run, the failure report.
+# Sourced by launch/msrun.sh, launch/mpirun.sh and launch/rank_table.sh: what every launcher does around
+# its own start of the workers. The command line, the pre-flight check, the one-screen summary, the run,
+# the failure report.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
@@ -9,8 +10,25 @@ master_addr=127.0.0.1
 # same variable bounds (large Ascend clusters need those).
 failure_timeout=${VIT_DIST_FAILURE_TIMEOUT:-}
 declare -A BACKENDS=([Ascend]=HCCL [GPU]=NCCL [CPU]=MCCL)
+device_target=""  # the config's, as pre-flight reads it
 # Launcher option -> the variable its value goes to; each launcher adds its own.
-declare -A OPTIONS=([--master-addr]=master_addr [--failure-timeout]=failure_timeout)
+declare -A OPTIONS=()
+# Launcher switch (no value) -> the variable set to 1 when it is given.
+declare -A SWITCHES=()
+# Numeric option -> its minimum, 0 or 1. Its value is checked as it is read (store_number), before
+# any use: bash arithmetic evaluates a value such as 'a[$(cmd)]', and so would run cmd.
+declare -A NUMBERS=()
+# Variables of the arguments a launcher takes between its options and the job (rank_table.sh: the table).
+LEADING=()
+# What the refusal of -n/--np/--nproc, which meant ranks per node to one launcher and all ranks to
+# another, tells this launcher's user to write instead.
+rank_count_hint=""
+
+# One line on stderr, exit status 2: what every user error ends with.
+fail() {
+    echo "error: $*" >&2
+    exit 2
+}
 
 # The launcher's header comment is its usage message.
 usage() {
@@ -18,20 +36,37 @@ usage() {
     exit 2
 }
 
-# OPTIONS, then the job: [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...] -> subcommand, config, worker_args
+# The options of the launchers whose workers meet at MindSpore's scheduler (msrun.sh, mpirun.sh).
+add_scheduler_options() {
+    OPTIONS+=([--master-addr]=master_addr [--failure-timeout]=failure_timeout)
+    NUMBERS+=([--failure-timeout]=1)
+    if [[ -n $failure_timeout ]]; then
+        store_number VIT_DIST_FAILURE_TIMEOUT "$failure_timeout" failure_timeout 1
+    fi
+}
+
+# OPTIONS, LEADING, then the job: [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
+#   -> the options' variables, the LEADING variables, subcommand, config, worker_args
 parse_command_line() {
-    while [[ $# -gt 0 && -n $1 && -n ${OPTIONS[$1]:-} ]]; do
-        [[ $# -ge 2 ]] || usage
-        printf -v "${OPTIONS[$1]}" '%s' "$2"
-        shift 2
+    while [[ $# -gt 0 && $1 == -* ]]; do
+        if [[ $1 == -h || $1 == --help ]]; then
+            usage
+        elif [[ -n ${SWITCHES[$1]:-} ]]; then
+            printf -v "${SWITCHES[$1]}" 1
+            shift
+        else
+            refuse_unless_option "$1"
+            [[ $# -ge 2 ]] || fail "$1 needs a value"
+            store_option "$1" "$2"
+            shift 2
+        fi
     done
-    if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-        usage
-    fi
-    if [[ -n $failure_timeout && ! $failure_timeout =~ ^[1-9][0-9]*$ ]]; then
-        echo "error: the failure timeout is whole seconds, got '$failure_timeout'" >&2
-        exit 2
-    fi
+    local name
+    for name in ${LEADING[@]+"${LEADING[@]}"}; do
+        [[ $# -ge 1 ]] || usage
+        printf -v "$name" '%s' "$1"
+        shift
+    done
     subcommand=train
     if [[ ${1:-} == train || ${1:-} == eval || ${1:-} == bench ]]; then
         subcommand=$1
@@ -41,6 +76,46 @@ parse_command_line() {
     config=$1
     shift
     worker_args=("$@")
+    refuse_late_options
+}
+
+# $1 is no option of this launcher: one line saying what to write instead.
+refuse_unless_option() {
+    if [[ -n ${OPTIONS[$1]:-} ]]; then
+        return
+    fi
+    case $1 in
+        -n | --np | --nproc) fail "$1 is ambiguous; $rank_count_hint" ;;
+        *) fail "unknown option $1; see $0 --help" ;;
+    esac
+}
+
+# Option $1's value $2 into its variable; a number checked first.
+store_option() {
+    if [[ -n ${NUMBERS[$1]:-} ]]; then
+        store_number "$1" "$2" "${OPTIONS[$1]}" "${NUMBERS[$1]}"
+    else
+        printf -v "${OPTIONS[$1]}" '%s' "$2"
+    fi
+}
+
+# $2, the value of $1, into variable $3 if it matches ^[0-9]+$ and is at least $4 (0 or 1), with at
+# most 9 digits so that no arithmetic overflows; as plain decimal, since bash would read 010 as octal.
+store_number() {
+    if [[ ! $2 =~ ^[0-9]{1,9}$ ]] || [[ $4 == 1 && $2 =~ ^0+$ ]]; then
+        fail "$1 needs a whole number >= $4, got '$2'"
+    fi
+    printf -v "$3" '%d' "$((10#$2))"
+}
+
+# A launcher option after CONFIG would reach the worker (and a --dry-run there would start the job).
+refuse_late_options() {
+    local arg
+    for arg in ${worker_args[@]+"${worker_args[@]}"}; do
+        if [[ $arg == -* && (-n ${OPTIONS[$arg]:-} || -n ${SWITCHES[$arg]:-}) ]]; then
+            fail "$arg is a launcher option: put it before ${LEADING[*]:+${LEADING[*]^^} and }CONFIG"
+        fi
+    done
 }
 
 # The launchers start `python` and `mpirun` from PATH: make them the ones beside PYTHON (its venv).
@@ -65,24 +140,42 @@ preflight() {
     mkdir -p "$log_dir"
 }
 
-# The one screen before anything starts: $1 launcher, $2 world size, $3 nodes, $4 scheduler.
+# One "  name  value" line of the summary.
+summary_line() {
+    printf '  %-15s %s\n' "$1" "$2"
+}
+
+# The one screen before anything starts: $1 launcher, $2 world size, $3 nodes, then the launcher's own
+# lines as name-value pairs.
 print_summary() {
+    local target="not checked in a dry run"
+    if [[ -n $device_target ]]; then
+        target="$device_target, communication ${BACKENDS[$device_target]}"
+    fi
+    echo "vit-dist $subcommand"
+    summary_line launcher "$1"
+    summary_line "world size" "$2"
+    summary_line nodes "$3"
+    shift 3
+    while [[ $# -ge 2 ]]; do
+        summary_line "$1" "$2"
+        shift 2
+    done
+    summary_line "device target" "$target"
+    summary_line config "$config ${worker_args[*]:-}"
+    summary_line "run directory" "$run_dir"
+    summary_line logs "$log_dir/worker_<rank>.log"
+    if [[ -n ${OPTIONS[--failure-timeout]:-} ]]; then
+        print_failure_timeout
+    fi
+}
+
+print_failure_timeout() {
     local timeout="$failure_timeout s"
     if [[ -z $failure_timeout ]]; then
         timeout="30 s (MindSpore's default)"
     fi
-    cat <<EOF
-vit-dist $subcommand
-  launcher        $1
-  world size      $2
-  nodes           $3
-  scheduler       $4
-  device target   $device_target, communication ${BACKENDS[$device_target]}
-  config          $config ${worker_args[*]:-}
-  run directory   $run_dir
-  logs            $log_dir/worker_<rank>.log
-  failure timeout $timeout: a worker silent this long ends the job
-EOF
+    summary_line "failure timeout" "$timeout: a worker silent this long ends the job"
 }
 
 # The worker command every launcher starts, writing into the run directory pre-flight resolved.

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Runs `vit-dist train|eval` on N ranks through OpenMPI's mpirun (install with: launch/install.sh mpi).
 #
-#   launch/mpirun.sh -n N [--hostfile F --master-addr A] [--failure-timeout S]
+#   launch/mpirun.sh --ranks N [--hostfile F --master-addr A] [--failure-timeout S]
 #                    [train|eval] CONFIG [--ckpt C] [--set k=v ...]
 #
-# Each rank learns its place from mpirun; rank 0 starts MindSpore's scheduler on A (127.0.0.1 unless
-# F lists other hosts: then rank 0's address, which all ranks reach) and every rank joins it. Across
-# hosts, train.output_dir and the Python environment must be on paths every host shares.
+# N is the world size; mpirun places the ranks (on the hosts of F, if given). Each rank learns its
+# place from mpirun; rank 0 starts MindSpore's scheduler on A (127.0.0.1 unless F lists other hosts:
+# then rank 0's address, which all ranks reach) and every rank joins it. Across hosts,
+# train.output_dir and the Python environment must be on paths every host shares.
+# User errors exit with status 2, a failed job with mpirun's.
 # As root, OpenMPI wants OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 ranks=""
 hostfile=""
-OPTIONS+=([-n]=ranks [--np]=ranks [--hostfile]=hostfile)
+add_scheduler_options
+OPTIONS+=([--ranks]=ranks [--hostfile]=hostfile)
+NUMBERS+=([--ranks]=1)
+rank_count_hint="use --ranks N (mpirun.sh starts N ranks in all, placed by mpirun)"
 parse_command_line "$@"
-[[ -n $ranks ]] || usage
+[[ -n $ranks ]] || fail "--ranks N is required: the ranks mpirun starts in all"
 put_python_first_on_path
 preflight "$ranks" 1
 print_summary mpirun "$ranks" "${hostfile:+hosts of $hostfile, as mpirun places the ranks}${hostfile:-this host}" \
-    "$master_addr, on a free port rank 0 picks"
+    scheduler "$master_addr, on a free port rank 0 picks"
 
 # Read by every rank (runtime.join_mpi_job) and by the scheduler rank 0 starts; -x carries them to other hosts.
 export VIT_DIST_MASTER_ADDR=$master_addr

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs `vit-dist train|eval|bench` on N ranks per node through MindSpore's msrun.
 #
-#   launch/msrun.sh -n N [--failure-timeout S] [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
-#   launch/msrun.sh -n N --nodes M --node-rank R --master-addr A --master-port P [train|eval] CONFIG ...
+#   launch/msrun.sh --ranks-per-node N [--failure-timeout S] [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
+#   launch/msrun.sh --ranks-per-node N --nodes M --node-rank R --master-addr A --master-port P
+#                   [train|eval] CONFIG ...
 #
-# The config and data are checked once here (one clear line, no process started) before msrun
-# spawns the workers; rank 0's log streams to the console, every rank's log is kept in RUN_DIR/logs.
-# Across nodes, every node runs this with the same train.output_dir (a shared directory).
+# The world is N x M ranks. The config and data are checked once here (one clear line, no process
+# started) before msrun spawns the workers; rank 0's log streams to the console, every rank's log is
+# kept in RUN_DIR/logs. Across nodes, every node runs this with the same train.output_dir (a shared
+# directory). User errors exit with status 2, a failed job with the failed worker's.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -15,23 +17,27 @@ nodes=1
 node_rank=0
 master_port=""
 join_timeout=${VIT_DIST_CLUSTER_TIMEOUT:-300}
-OPTIONS+=([-n]=ranks_per_node [--nproc]=ranks_per_node [--nodes]=nodes [--node-rank]=node_rank
-    [--master-port]=master_port)
+add_scheduler_options
+OPTIONS+=([--ranks-per-node]=ranks_per_node [--nodes]=nodes [--node-rank]=node_rank [--master-port]=master_port)
+NUMBERS+=([--ranks-per-node]=1 [--nodes]=1 [--node-rank]=0 [--master-port]=1)
+rank_count_hint="use --ranks-per-node N (msrun.sh starts N ranks on each of the --nodes M nodes)"
 parse_command_line "$@"
-[[ -n $ranks_per_node ]] || usage
+[[ -n $ranks_per_node ]] || fail "--ranks-per-node N is required: the ranks msrun starts on each node"
+if ((node_rank >= nodes)); then
+    fail "--node-rank $node_rank is out of range: --nodes $nodes numbers the nodes 0 to $((nodes - 1))"
+fi
+if [[ -z $master_port ]] && ((nodes > 1)); then
+    fail "--master-port is required with --nodes > 1 (every node must name the same port)"
+fi
 world=$((ranks_per_node * nodes))
 put_python_first_on_path
 preflight "$world" "$nodes"
 if [[ -z $master_port ]]; then
-    if [[ $nodes -gt 1 ]]; then
-        echo "error: --master-port is required with --nodes > 1 (every node must name the same port)" >&2
-        exit 2
-    fi
     master_port=$("$PYTHON" -c 'import socket, sys
 s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$master_addr")
 fi
 print_summary msrun "$world ($nodes node(s) x $ranks_per_node rank(s))" "$nodes; this is node $node_rank" \
-    "$master_addr:$master_port"
+    scheduler "$master_addr:$master_port"
 
 # Ranks on one node share its cores; runtime.cpu_threads splits them by this count.
 export LOCAL_WORLD_SIZE=$ranks_per_node

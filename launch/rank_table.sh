@@ -1,171 +1,177 @@
 #!/usr/bin/env bash
-# Start one vit-dist worker per local Ascend device of an HCCL rank table (rank-table launch).
-# Run it once on every server of the table, each with its own --server-index.
+# Runs `vit-dist train|eval|bench` on this server's devices of an HCCL rank table (Ascend), one worker each.
+#
+#   launch/rank_table.sh [--server-index K] [--bind-cores] [--dry-run]
+#                        RANK_TABLE [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
+#
+# Run it on every server of the table, each with its own K: its entry in the table's server_list
+# (default 0). The world size and this server's devices and ranks come from the table, which is
+# validated before anything starts.
+#   --bind-cores  pins each worker to an equal share of this machine's cores (taskset)
+#   --dry-run     prints each rank's environment and command; starts and creates nothing and checks
+#                 only the table (RUN_DIR stands for the run directory the job's pre-flight check picks)
+# The config and data are checked once here (one clear line, no process started) before the workers
+# start; the first local worker's log streams to the console, every rank's log is kept in RUN_DIR/logs.
+# When a worker fails, or on Ctrl-C or TERM, every worker is stopped. Across servers, every server
+# runs this with the same train.output_dir (a shared directory).
+# User errors exit with status 2, a failed job with the failed worker's.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() {
-    cat <<'EOF'
-usage: launch/rank_table.sh RANK_TABLE CONFIG [--server-index K] [--bind-cores] [--dry-run]
-                            [--log-dir D] [--set k=v ...] [other worker args ...]
+server_index=0
+bind_cores=""
+dry_run=""
+OPTIONS+=([--server-index]=server_index)
+NUMBERS+=([--server-index]=0)
+SWITCHES+=([--bind-cores]=bind_cores [--dry-run]=dry_run)
+LEADING=(rank_table)
+rank_count_hint="rank_table.sh takes the rank counts from RANK_TABLE"
+pids=()
 
-  --server-index K  which server_list entry this machine is (default 0)
-  --bind-cores      pin each worker to an equal share of this machine's cores (taskset)
-  --dry-run         print each rank's environment and command, start nothing
-  --log-dir D       worker logs D/rank_N.log (default logs/rank_table_<timestamp>)
-Other arguments (e.g. --set k=v) go to: worker.py train CONFIG ...
-Environment: PYTHON (default python) runs both the rank-table helper and the workers.
-EOF
+# Refuses an invalid table (the helper names every problem) and reads this server's part of it: sets
+# rank_table_file, rank_size, server_count, server_id, devices and ranks.
+read_rank_table() {
+    "$PYTHON" -m vit_dist rank-table validate "$rank_table" >/dev/null ||
+        fail "invalid rank table $rank_table; fix the problems above, or make it anew (vit-dist rank-table generate)"
+    rank_table_file=$(realpath -- "$rank_table")  # workers may chdir; HCCL needs an absolute path
+    local listing key first second
+    # On an index out of range the helper's one line says which indices the table has.
+    listing=$("$PYTHON" -m vit_dist rank-table local-ranks "$rank_table_file" --server-index "$server_index") ||
+        exit 2
+    devices=()
+    ranks=()
+    while read -r key first second; do
+        case $key in
+            rank_size) rank_size=$first ;;
+            server_count) server_count=$first ;;
+            server_id) server_id=$first ;;
+            device) devices+=("$first"); ranks+=("$second") ;;
+        esac
+    done <<<"$listing"
 }
 
-die() { echo "rank_table.sh: $*" >&2; exit 1; }
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-python}
-# Import the helper straight from the module so the launcher does not depend on the CLI wiring.
-RANK_TABLE_MAIN='import sys; from vit_dist.rank_table import main; sys.exit(main(sys.argv[1:]))'
-
-rank_table_tool() {
-    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c "$RANK_TABLE_MAIN" "$@"
-}
-
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
-if (($# < 2)); then usage >&2; exit 2; fi
-RANK_TABLE=$1
-CONFIG=$2
-shift 2
-
-SERVER_INDEX=0
-BIND_CORES=0
-DRY_RUN=0
-LOG_DIR="logs/rank_table_$(date +%Y%m%d_%H%M%S)"
-PASSTHROUGH=()
-while (($#)); do
-    case $1 in
-        --server-index) (($# >= 2)) || die "--server-index needs a value"; SERVER_INDEX=$2; shift 2 ;;
-        --log-dir) (($# >= 2)) || die "--log-dir needs a value"; LOG_DIR=$2; shift 2 ;;
-        --bind-cores) BIND_CORES=1; shift ;;
-        --dry-run) DRY_RUN=1; shift ;;
-        *) PASSTHROUGH+=("$1"); shift ;;
-    esac
-done
-[[ $SERVER_INDEX =~ ^[0-9]+$ ]] || die "--server-index must be a non-negative integer, got '$SERVER_INDEX'"
-
-# (a) refuse a broken table before anything starts; the tool prints every problem on stderr.
-rank_table_tool validate "$RANK_TABLE" >/dev/null || die "invalid rank table: $RANK_TABLE"
-RANK_TABLE_FILE=$(realpath -- "$RANK_TABLE")  # workers may chdir; HCCL needs an absolute path
-
-# (b) this server's devices and ranks, plus the world size.
-RANK_SIZE="" SERVER_COUNT="" SERVER_ID=""
-DEVICES=()
-RANKS=()
-LOCAL_RANKS=$(rank_table_tool local-ranks "$RANK_TABLE_FILE" --server-index "$SERVER_INDEX")
-while read -r key first second; do
-    case $key in
-        rank_size) RANK_SIZE=$first ;;
-        server_count) SERVER_COUNT=$first ;;
-        server_id) SERVER_ID=$first ;;
-        device) DEVICES+=("$first"); RANKS+=("$second") ;;
-    esac
-done <<<"$LOCAL_RANKS"
-NUM_LOCAL=${#DEVICES[@]}
-
-CORES_PER_WORKER=0
-BINDING=no
-if ((BIND_CORES)); then
-    CORES_PER_WORKER=$(($(nproc) / NUM_LOCAL))
-    ((CORES_PER_WORKER > 0)) || die "--bind-cores: $(nproc) cores cannot be split among $NUM_LOCAL workers"
-    BINDING="$CORES_PER_WORKER cores per worker"
-fi
-
-# (d) summary first, so a wrong table or index is visible before any log appears.
-cat <<EOF
-launcher       rank_table
-rank table     $RANK_TABLE_FILE
-world size     $RANK_SIZE
-servers        $SERVER_COUNT
-server index   $SERVER_INDEX ($SERVER_ID)
-local devices  ${DEVICES[*]} (ranks ${RANKS[*]})
-device target  Ascend
-backend        HCCL
-config         $CONFIG
-log dir        $LOG_DIR
-bind cores     $BINDING
-EOF
-
-# Environment and command of local worker $1 (index into DEVICES), as arrays: never eval'd.
-worker_argv() {
-    local i=$1
-    WORKER_ENV=(
-        "DEVICE_ID=${DEVICES[i]}"
-        "RANK_ID=${RANKS[i]}"
-        "RANK_SIZE=$RANK_SIZE"
-        "RANK_TABLE_FILE=$RANK_TABLE_FILE"
-        "MINDSPORE_HCCL_CONFIG_PATH=$RANK_TABLE_FILE"
-    )
-    WORKER_CMD=()
-    if ((BIND_CORES)); then
-        local first=$((i * CORES_PER_WORKER))
-        WORKER_CMD=(taskset -c "$first-$((first + CORES_PER_WORKER - 1))")
+# With --bind-cores, each worker gets an equal share of the cores; sets cores_per_worker and binding.
+split_cores() {
+    cores_per_worker=0
+    binding=no
+    if [[ -n $bind_cores ]]; then
+        cores_per_worker=$(($(nproc) / ${#devices[@]}))
+        ((cores_per_worker > 0)) || fail "--bind-cores: $(nproc) cores cannot be split among ${#devices[@]} workers"
+        binding="$cores_per_worker core(s) per worker"
     fi
-    WORKER_CMD+=("$PYTHON" "$ROOT/launch/worker.py" train "$CONFIG" "${PASSTHROUGH[@]}")
 }
 
-# (f) dry run: one copy-pasteable line per rank.
-if ((DRY_RUN)); then
-    for ((i = 0; i < NUM_LOCAL; i++)); do
-        worker_argv "$i"
-        printf '%q ' "${WORKER_ENV[@]}" "${WORKER_CMD[@]}"
-        printf '>%q 2>&1\n' "$LOG_DIR/rank_${RANKS[i]}.log"
-    done
-    exit 0
-fi
+# Local worker $1 (an index into devices): sets worker_env and worker_argv, arrays, never eval'd.
+worker_process() {
+    local i=$1
+    worker_env=("DEVICE_ID=${devices[i]}" "RANK_ID=${ranks[i]}" "RANK_SIZE=$rank_size"
+        "RANK_TABLE_FILE=$rank_table_file" "MINDSPORE_HCCL_CONFIG_PATH=$rank_table_file"
+        # Ranks on one server share its cores; runtime.cpu_threads splits them by this count.
+        "LOCAL_WORLD_SIZE=${#devices[@]}")
+    worker_argv=()
+    if [[ -n $bind_cores ]]; then
+        local first=$((i * cores_per_worker))
+        worker_argv=(taskset -c "$first-$((first + cores_per_worker - 1))")
+    fi
+    worker_argv+=("$PYTHON" "${worker_cmd[@]}")
+}
 
-# (c) start the workers, each in its own session so a failure can take down its whole group.
-mkdir -p -- "$LOG_DIR"
-PIDS=()
-kill_workers() {
+# One copy-pasteable line per rank.
+print_dry_run() {
+    local i
+    for i in "${!devices[@]}"; do
+        worker_process "$i"
+        printf '%q ' "${worker_env[@]}" "${worker_argv[@]}"
+        printf '>%q 2>&1\n' "$log_dir/worker_${ranks[i]}.log"
+    done
+}
+
+# Each worker in a session of its own, so that stopping it stops whatever it started; the first one's
+# output also goes to the console.
+start_workers() {
+    local i log
+    for i in "${!devices[@]}"; do
+        worker_process "$i"
+        log="$log_dir/worker_${ranks[i]}.log"
+        # Not a process-group leader here (no job control), so setsid execs in place: $! is the session's id.
+        if ((i == 0)); then
+            setsid env "${worker_env[@]}" "${worker_argv[@]}" > >(tee "$log" | without_chatter) 2>&1 </dev/null &
+        else
+            setsid env "${worker_env[@]}" "${worker_argv[@]}" >"$log" 2>&1 </dev/null &
+        fi
+        pids+=("$!")
+    done
+}
+
+# TERM to every worker's process group, KILL to what is left after 10 s.
+stop_workers() {
     local pid tries
-    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-    for ((tries = 0; tries < 10; tries++)); do  # grace period before SIGKILL
-        for pid in "${PIDS[@]}"; do
-            if kill -0 -- "-$pid" 2>/dev/null; then sleep 1; continue 2; fi
+    for pid in ${pids[@]+"${pids[@]}"}; do
+        kill -TERM -- "-$pid" 2>/dev/null || true
+    done
+    for ((tries = 0; tries < 10; tries++)); do
+        for pid in ${pids[@]+"${pids[@]}"}; do
+            if kill -0 -- "-$pid" 2>/dev/null; then
+                sleep 1
+                continue 2
+            fi
         done
         return 0
     done
-    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    for pid in ${pids[@]+"${pids[@]}"}; do
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    done
 }
-# setsid detaches workers from the terminal, so forward Ctrl-C / TERM ourselves.
-on_signal() { echo "rank_table.sh: $1, stopping workers" >&2; kill_workers; exit "$2"; }
-trap 'on_signal interrupted 130' INT
-trap 'on_signal terminated 143' TERM
 
-for ((i = 0; i < NUM_LOCAL; i++)); do
-    worker_argv "$i"
-    # Not a process-group leader here (no job control), so setsid execs in place and $! is the group id.
-    setsid env "${WORKER_ENV[@]}" "${WORKER_CMD[@]}" >"$LOG_DIR/rank_${RANKS[i]}.log" 2>&1 </dev/null &
-    PIDS+=("$!")
-    echo "started rank ${RANKS[i]} on device ${DEVICES[i]} (pid $!)"
-done
-
-# (e) poll rather than `wait -n -p` (bash >= 5.1) so older server images work too.
-remaining=("${!PIDS[@]}")
-while ((${#remaining[@]})); do
-    still_running=()
-    for i in "${remaining[@]}"; do
-        if kill -0 "${PIDS[i]}" 2>/dev/null; then still_running+=("$i"); continue; fi
-        status=0
-        wait "${PIDS[i]}" || status=$?
-        if ((status != 0)); then
-            log="$LOG_DIR/rank_${RANKS[i]}.log"
-            kill_workers
-            echo "rank_table.sh: rank ${RANKS[i]} (device ${DEVICES[i]}) failed with status $status;" \
-                "stopped the other workers" >&2
-            echo "---- last 20 lines of $log ----" >&2
-            tail -n 20 -- "$log" >&2
-            exit "$status"
+# Until every worker succeeded, or one failed: then the others are stopped and the launcher exits with
+# its status. Polls rather than `wait -n -p` (bash >= 5.1) so that older server images work too.
+wait_for_workers() {
+    local i status running=("${!pids[@]}") still
+    while [[ ${#running[@]} -gt 0 ]]; do
+        still=()
+        for i in "${running[@]}"; do
+            if kill -0 "${pids[i]}" 2>/dev/null; then
+                still+=("$i")
+                continue
+            fi
+            status=0
+            wait "${pids[i]}" || status=$?
+            if [[ $status -ne 0 ]]; then
+                stop_workers
+                report_failure "$status" "${ranks[i]}" "(device ${devices[i]}) exited with status $status"
+                exit "$status"
+            fi
+        done
+        running=(${still[@]+"${still[@]}"})
+        if [[ ${#running[@]} -gt 0 ]]; then
+            sleep 1
         fi
     done
-    remaining=("${still_running[@]}")
-    if ((${#remaining[@]})); then sleep 1; fi
-done
-echo "all $NUM_LOCAL workers on server $SERVER_INDEX finished successfully; logs in $LOG_DIR"
+    pids=()  # all reaped: their ids may be reused, so the EXIT trap must not signal them
+}
+
+parse_command_line "$@"
+put_python_first_on_path
+read_rank_table
+split_cores
+if [[ -n $dry_run ]]; then
+    # Pre-flight makes the run directory, so a dry run, which creates nothing, names it RUN_DIR.
+    run_dir=RUN_DIR
+    log_dir=$run_dir/logs
+else
+    preflight "$rank_size" "$server_count"
+fi
+print_summary rank_table "$rank_size" "$server_count; this is server $server_index ($server_id)" \
+    "rank table" "$rank_table_file" "local devices" "${devices[*]} (ranks ${ranks[*]})" "bind cores" "$binding"
+worker_command
+if [[ -n $dry_run ]]; then
+    print_dry_run
+    exit 0
+fi
+# setsid detaches the workers from the terminal: Ctrl-C and TERM reach them through this.
+trap stop_workers EXIT
+trap 'echo "error: interrupted; stopping the workers" >&2; exit 130' INT
+trap 'echo "error: terminated; stopping the workers" >&2; exit 143' TERM
+start_workers
+wait_for_workers
+echo "all ${#devices[@]} workers of server $server_index finished; logs in $log_dir"

@@ -95,7 +95,7 @@ def test_training_on_two_ranks_skips_bad_images_and_says_so_once(tmp_path):
     root = _messy_data(tmp_path / "messy")
     config = tiny_config(tmp_path / "c.yaml", root, train={"epochs": 1, "batch_size": 8, "eval_batch_size": 4})
     run = tmp_path / "run"
-    result = ok(msrun("-n", "2", str(config), "--set", f"train.output_dir={run}"))
+    result = ok(msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={run}"))
     said = result.stdout + result.stderr
     assert said.count("skipping 12 image file(s) the decoder would fail on") == 1, said
     assert "12 bad image file(s) left out" in said
@@ -110,7 +110,8 @@ def test_on_bad_image_error_stops_the_job_before_it_starts(tmp_path):
     root = _messy_data(tmp_path / "messy")
     config = tiny_config(tmp_path / "c.yaml", root)
     started = time.monotonic()
-    result = msrun("-n", "2", str(config), "--set", "data.on_bad_image=error", f"train.output_dir={tmp_path / 'run'}")
+    result = msrun("--ranks-per-node", "2", str(config), "--set", "data.on_bad_image=error",
+                   f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: 12 image file(s) the decoder would fail on, the first ")
     assert "or set data.on_bad_image=skip" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -38,8 +38,8 @@ def test_bench_reports_throughput_compile_time_and_mfu_and_fills_the_compile_cac
 
 def test_two_ranks_report_the_sum_of_their_throughputs(tmp_path, tiny_data):
     config = tiny_config(tmp_path / "c.yaml", tiny_data, **TINY)
-    result = last_json(msrun("-n", "2", "bench", str(config), "--steps", "3", "--warmup", "1", "--peak-gflops", "50",
-                             "--json", "--set", f"train.output_dir={tmp_path / 'run'}"))
+    result = last_json(msrun("--ranks-per-node", "2", "bench", str(config), "--steps", "3", "--warmup", "1",
+                             "--peak-gflops", "50", "--json", "--set", f"train.output_dir={tmp_path / 'run'}"))
     assert result["world_size"] == 2
     # Global = the sum of the ranks' medians: more than rank 0's own, which is what per_device reports.
     assert result["images_per_sec"] > result["images_per_sec_per_device"] > 0
@@ -54,7 +54,7 @@ def test_a_second_two_rank_launch_loads_the_compile_cache_and_trains_the_same(tm
     runs = []
     for name in ("first", "second"):
         run = tmp_path / name
-        ok(msrun("-n", "2", str(config), "--set", f"train.output_dir={run}", "train.log_interval=1"))
+        ok(msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={run}", "train.log_interval=1"))
         loaded = ["Use the compilation cache" in (run / "logs" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         runs.append((loaded, [(r.get("loss"), r.get("top1")) for r in records], load_params(last_checkpoint(run))))

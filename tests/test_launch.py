@@ -21,6 +21,8 @@ EXACT = {"data": {"augment": False, "shuffle": False}}
 # would break the msrun bound below.
 FAILURE_TIMEOUT = 15
 LAUNCHERS = {"msrun": ROOT / "launch" / "msrun.sh", "mpirun": ROOT / "launch" / "mpirun.sh"}
+# Two ranks in all on one host: msrun counts ranks per node, mpirun in all.
+TWO_RANKS = {"msrun": ["--ranks-per-node", "2"], "mpirun": ["--ranks", "2"]}
 
 
 def test_mpirun_placement_comes_from_open_mpi():
@@ -38,7 +40,7 @@ def exact_config(tiny_data, tmp_path_factory) -> Path:
 def msrun_params(exact_config):
     """What the other launchers must reproduce: 2 ranks on one node under msrun."""
     run_dir = exact_config.parent / "msrun"
-    ok(msrun("-n", "2", str(exact_config), "--set", f"train.output_dir={run_dir}"))
+    ok(msrun("--ranks-per-node", "2", str(exact_config), "--set", f"train.output_dir={run_dir}"))
     return load_params(last_checkpoint(run_dir))
 
 
@@ -50,7 +52,7 @@ def _assert_same_training(run_dir: Path, expected: dict) -> None:
 
 def test_mpirun_trains_like_msrun_and_ends_promptly(exact_config, msrun_params):
     run_dir = exact_config.parent / "mpirun"
-    result = ok(mpirun("-n", "2", str(exact_config), "--set", f"train.output_dir={run_dir}"))
+    result = ok(mpirun("--ranks", "2", str(exact_config), "--set", f"train.output_dir={run_dir}"))
     ended = time.time()
     _assert_same_training(run_dir, msrun_params)
     for line in ("launcher        mpirun", "world size      2", "nodes           this host",
@@ -68,7 +70,7 @@ def test_two_msrun_nodes_train_like_one(exact_config, msrun_params):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    nodes = [["bash", str(LAUNCHERS["msrun"]), "-n", "1", "--nodes", "2", "--node-rank", str(node),
+    nodes = [["bash", str(LAUNCHERS["msrun"]), "--ranks-per-node", "1", "--nodes", "2", "--node-rank", str(node),
               "--master-addr", "127.0.0.1", "--master-port", port, str(exact_config),
               "--set", f"train.output_dir={run_dir}"] for node in (0, 1)]
     with _job(nodes[0], run_dir.parent / "node0") as node0, _job(nodes[1], run_dir.parent / "node1") as node1:
@@ -78,7 +80,8 @@ def test_two_msrun_nodes_train_like_one(exact_config, msrun_params):
 
 
 def test_nodes_must_share_a_named_run_directory(exact_config):
-    result = msrun("-n", "1", "--nodes", "2", "--node-rank", "0", "--master-port", "8118", str(exact_config))
+    result = msrun("--ranks-per-node", "1", "--nodes", "2", "--node-rank", "0", "--master-port", "8118",
+                   str(exact_config))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: a job across 2 nodes needs train.output_dir")
 
@@ -125,8 +128,8 @@ def _failing_job(tmp_path: Path, config: Path, launcher: str, fail, bound: float
     then exits non-zero within `bound` seconds, reports a rank and the end of its log, and that no process
     of the job remains. Returns the reported rank and its log."""
     run_dir = tmp_path / "run"
-    cmd = ["bash", str(LAUNCHERS[launcher]), "-n", "2", "--failure-timeout", str(FAILURE_TIMEOUT), str(config),
-           "--set", f"train.output_dir={run_dir}"]
+    cmd = ["bash", str(LAUNCHERS[launcher]), *TWO_RANKS[launcher], "--failure-timeout", str(FAILURE_TIMEOUT),
+           str(config), "--set", f"train.output_dir={run_dir}"]
     with _job(cmd, tmp_path / "launcher") as job:
         _wait_for(lambda: "step 3/" in _read(run_dir / "logs" / "worker_0.log"), job)
         fail(run_dir)

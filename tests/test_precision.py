@@ -47,7 +47,7 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_is_counted(tiny_data, t
     if ranks == 1:
         ok(vit_dist("train", str(config), "--set", batch, f"train.output_dir={run}"))
     else:
-        ok(msrun("-n", "2", str(config), "--set", batch, f"train.output_dir={run}"))
+        ok(msrun("--ranks-per-node", "2", str(config), "--set", batch, f"train.output_dir={run}"))
     records = _records(run)
     assert [r["step"] for r in records] == list(range(1, 13))
     late_overflows = [r["step"] for r in records[1:] if r["overflows"] == 1]

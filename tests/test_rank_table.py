@@ -1,20 +1,23 @@
 """HCCL rank-table tooling: generator, merger, validator and the launcher's dry run.
 
-HCCL cannot run here, so the launcher is exercised with --dry-run and with a stand-in worker.
+HCCL cannot run here, so the launcher is exercised with --dry-run and, after its real pre-flight check
+of a tiny config and data set, with a stand-in worker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import PYTHON, run, tiny_config, tool_env
 from vit_dist.host.rank_table import (
     Device,
     RankTableError,
@@ -295,16 +298,22 @@ def test_local_ranks_lists_one_server(capsys: pytest.CaptureFixture[str]) -> Non
 # --- launcher ------------------------------------------------------------------------
 
 
-def run_launcher(script: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHON": sys.executable})
+def launcher_env(**extra: str) -> dict:
+    """tool_env with this tree's package first on PYTHONPATH, for launchers run from a copy of launch/."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return tool_env(PYTHONPATH=path, **extra)
 
 
-def test_launcher_dry_run_second_server(two_server_table: Path) -> None:
-    log_dir = two_server_table.parent / "logs"
-    relative_table = os.path.relpath(two_server_table, ROOT)  # the launcher must make it absolute
-    result = run_launcher(LAUNCHER, relative_table, "cfg.yaml", "--server-index", "1", "--dry-run",
-                          "--log-dir", str(log_dir), "--set", "train.lr=1e-3")
+def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return run(["bash", str(LAUNCHER), *args], cwd=cwd, timeout=120, env=launcher_env())
+
+
+def test_launcher_dry_run_second_server(two_server_table: Path, tmp_path: Path) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    relative_table = os.path.relpath(two_server_table, cwd)  # the launcher must make it absolute
+    result = run_launcher("--server-index", "1", "--dry-run", relative_table, "cfg.yaml",
+                          "--set", "train.lr=1e-3", cwd=cwd)
     assert result.returncode == 0, result.stderr
     rank_lines = [line for line in result.stdout.splitlines() if line.startswith("DEVICE_ID=")]
     assert len(rank_lines) == 8
@@ -312,48 +321,139 @@ def test_launcher_dry_run_second_server(two_server_table: Path) -> None:
     for device, line in enumerate(rank_lines):
         assert line == (
             f"DEVICE_ID={device} RANK_ID={device + 8} RANK_SIZE=16 RANK_TABLE_FILE={table} "
-            f"MINDSPORE_HCCL_CONFIG_PATH={table} {sys.executable} {ROOT}/launch/worker.py train cfg.yaml "
-            f"--set train.lr=1e-3 >{log_dir}/rank_{device + 8}.log 2>&1"
+            f"MINDSPORE_HCCL_CONFIG_PATH={table} LOCAL_WORLD_SIZE=8 {PYTHON} {ROOT}/launch/worker.py train cfg.yaml "
+            f"--set train.lr=1e-3 --set train.output_dir=RUN_DIR >RUN_DIR/logs/worker_{device + 8}.log 2>&1"
         )
-    assert "world size     16" in result.stdout
-    assert not log_dir.exists()  # a dry run creates nothing
+    for line in ("launcher        rank_table", "world size      16",
+                 "nodes           2; this is server 1 (10.0.0.2)", "run directory   RUN_DIR"):
+        assert line in result.stdout
+    assert list(cwd.iterdir()) == []  # a dry run creates nothing, not even a run directory
+
+
+@pytest.mark.parametrize("job", [["train"], ["eval", "--ckpt", "c.safetensors"], ["bench", "--steps", "3"]])
+def test_launcher_gives_the_workers_the_subcommand(job: list[str]) -> None:
+    subcommand, *options = job
+    result = run_launcher("--dry-run", str(EXAMPLES / "rank_table_1server_8dev.json"), subcommand, "cfg.yaml",
+                          *options)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"vit-dist {subcommand}"
+    worker = f"{ROOT}/launch/worker.py "
+    commands = [line.split(worker)[1] for line in result.stdout.splitlines() if worker in line]
+    assert commands == [" ".join([subcommand, "cfg.yaml", *options, "--set", "train.output_dir=RUN_DIR",
+                                  f">RUN_DIR/logs/worker_{rank}.log", "2>&1"]) for rank in range(8)]
 
 
 def test_launcher_aborts_on_invalid_table(tmp_path: Path) -> None:
     path = broken_table(tmp_path, "duplicate_rank")
-    result = run_launcher(LAUNCHER, str(path), "cfg.yaml", "--dry-run")
-    assert result.returncode != 0
-    assert f"rank_table.sh: invalid rank table: {path}" in result.stderr
+    result = run_launcher("--dry-run", str(path), "cfg.yaml")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"error: invalid rank table {path}; fix the problems above")
     assert "rank_id 3 is used more than once" in result.stderr
     assert "DEVICE_ID=" not in result.stdout
 
 
-FAKE_WORKER = """\
+def test_launcher_refuses_a_server_index_past_the_table() -> None:
+    table = EXAMPLES / "rank_table_2server_16dev.json"
+    result = run_launcher("--server-index", "2", "--dry-run", str(table), "cfg.yaml")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{table}: --server-index 2 out of range; the table has 2 server(s) (0..1)"]
+
+
+# A stand-in for launch/worker.py (the real one needs Ascend): it says where it would write, then, as
+# STANDIN says, succeeds, sleeps, or fails as rank 1 while the other ranks sleep.
+STANDIN_WORKER = """\
 import os, sys, time
 print("rank", os.environ["RANK_ID"], "args", sys.argv[1:], flush=True)
-if os.environ["RANK_ID"] == "1":
+if os.environ["STANDIN"] == "fail" and os.environ["RANK_ID"] == "1":
     print("simulated failure", flush=True)
     sys.exit(3)
-time.sleep(30)
+if os.environ["STANDIN"] != "succeed":
+    time.sleep(60)
 """
 
 
-def test_launcher_stops_everyone_when_a_worker_fails(tmp_path: Path) -> None:
-    """Stand-in worker (real one needs Ascend): rank 1 fails, the sleeping ranks must be killed."""
-    (tmp_path / "launch").mkdir()
-    (tmp_path / "vit_dist").mkdir()
-    shutil.copy(LAUNCHER, tmp_path / "launch")
-    shutil.copy(ROOT / "vit_dist" / "rank_table.py", tmp_path / "vit_dist")
-    (tmp_path / "launch" / "worker.py").write_text(FAKE_WORKER)
-    table = generate(tmp_path, "10.0.0.1", 100, "0-3")
-    result = run_launcher(tmp_path / "launch" / "rank_table.sh", str(table), "cfg.yaml", "--log-dir", "logs",
-                          cwd=tmp_path)
-    assert result.returncode == 3
-    assert "rank 1 (device 1) failed with status 3" in result.stderr
-    assert "simulated failure" in result.stderr  # tail of the failed rank's log
-    assert (tmp_path / "logs" / "rank_0.log").read_text() == "rank 0 args ['train', 'cfg.yaml']\n"
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "launch" / "worker.py")],
-                               capture_output=True, text=True).stdout.split()
-    for pid in leftovers:  # don't leave sleepers behind when this test fails
-        os.kill(int(pid), signal.SIGKILL)
+class Standin:
+    """A copy of launch/ with the stand-in worker, in `folder`, with a 4-device table and a tiny real config
+    whose run directory is unset (so pre-flight picks one under folder/runs)."""
+
+    def __init__(self, folder: Path, data: Path) -> None:
+        shutil.copytree(ROOT / "launch", folder / "launch")
+        (folder / "launch" / "worker.py").write_text(STANDIN_WORKER)
+        self.folder = folder
+        self.table = generate(folder, "10.0.0.1", 100, "0-3")
+        self.config = tiny_config(folder / "tiny.yaml", data)
+
+    def command(self, *args: str) -> list[str]:
+        return ["bash", str(self.folder / "launch" / "rank_table.sh"), str(self.table), str(self.config), *args]
+
+    def run(self, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return run(self.command(*args), cwd=self.folder, timeout=120, env=launcher_env(STANDIN=mode))
+
+    def workers(self) -> list[int]:
+        found = subprocess.run(["pgrep", "-f", str(self.folder / "launch" / "worker.py")], capture_output=True,
+                               text=True).stdout.split()
+        return [int(pid) for pid in found]
+
+
+@pytest.fixture()
+def standin(tmp_path: Path, tiny_data: Path):
+    """The stand-in job; afterwards, none of its workers may be left running."""
+    job = Standin(tmp_path, tiny_data)
+    yield job
+    leftovers = job.workers()
+    for pid in leftovers:  # a failing test leaves no sleepers behind
+        os.kill(pid, signal.SIGKILL)
     assert leftovers == []
+
+
+def _run_dir(stdout: str) -> Path:
+    return Path(re.search(r"^  run directory   (.+)$", stdout, re.MULTILINE)[1])
+
+
+def test_launcher_workers_share_one_run_directory(standin: Standin) -> None:
+    result = standin.run("succeed")
+    assert result.returncode == 0, result.stderr
+    run_dir = _run_dir(result.stdout)
+    runs = standin.folder / "runs"
+    assert run_dir.parent == runs and [p.name for p in runs.iterdir()] == [run_dir.name]
+    for rank in range(4):
+        log = (run_dir / "logs" / f"worker_{rank}.log").read_text()
+        assert log == f"rank {rank} args ['train', '{standin.config}', '--set', 'train.output_dir={run_dir}']\n"
+    assert "rank 0 args" in result.stdout  # the first local worker on the console
+    assert result.stdout.splitlines()[-1] == f"all 4 workers of server 0 finished; logs in {run_dir}/logs"
+
+
+def test_launcher_stops_everyone_when_a_worker_fails(standin: Standin) -> None:
+    result = standin.run("fail")
+    assert result.returncode == 3
+    log = _run_dir(result.stdout) / "logs" / "worker_1.log"
+    assert (f"error: rank 1 (device 1) exited with status 3, so the job was stopped (status 3); last lines of {log}:"
+            in result.stderr)
+    assert result.stderr.rstrip().endswith("simulated failure")  # the end of the failed rank's log
+
+
+def test_launcher_preflight_refuses_a_bad_config_in_one_line(standin: Standin) -> None:
+    result = standin.run("succeed", "--set", "train.epoch=3")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {standin.config}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"]
+    assert "rank 0 args" not in result.stdout  # no worker started
+    assert not (standin.folder / "runs").exists()
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_launcher_stops_every_worker_on_a_signal(standin: Standin, sig: signal.Signals, status: int) -> None:
+    launcher = subprocess.Popen(standin.command(), cwd=standin.folder, env=launcher_env(STANDIN="sleep"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(standin.workers()) < 4:
+            assert launcher.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        launcher.send_signal(sig)  # to the launcher alone: it must pass it on
+        _, err = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == status
+    assert "stopping the workers" in err

@@ -58,7 +58,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, ran
         if ranks == 1:
             return [PYTHON, "-m", "vit_dist", "train", str(config), "--set", batch, f"train.output_dir={run_dir}",
                     *extra]
-        return ["bash", str(ROOT / "launch" / "msrun.sh"), "-n", "2", str(config), "--set", batch,
+        return ["bash", str(ROOT / "launch" / "msrun.sh"), "--ranks-per-node", "2", str(config), "--set", batch,
                 f"train.output_dir={run_dir}", *extra]
 
     proc = _start(command(killed))

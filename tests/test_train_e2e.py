@@ -17,7 +17,7 @@ def dp_runs(tiny_data, tmp_path_factory):
     config = tiny_config(tmp / "exact.yaml", tiny_data, **EXACT)
     two = tmp / "two_ranks"
     one = tmp / "one_device"
-    launched = ok(msrun("-n", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}"))
+    launched = ok(msrun("--ranks-per-node", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}"))
     ok(vit_dist("train", str(config), "--set", "train.batch_size=16", f"train.output_dir={one}"))
     return {"config": config, "two": two, "one": one, "launched": launched}
 
@@ -63,7 +63,8 @@ def test_eval_counts_every_val_image_once_on_two_ranks(dp_runs):
     out = dp_runs["one"].parent
     single = json.loads(ok(vit_dist("eval", config, "--ckpt", ckpt, "--set",
                                     f"train.output_dir={out / 'eval1'}")).stdout.strip().splitlines()[-1])
-    launched = ok(msrun("-n", "2", "eval", config, "--ckpt", ckpt, "--set", f"train.output_dir={out / 'eval2'}"))
+    launched = ok(msrun("--ranks-per-node", "2", "eval", config, "--ckpt", ckpt,
+                        "--set", f"train.output_dir={out / 'eval2'}"))
     distributed = json.loads(launched.stdout.strip().splitlines()[-1])
     assert single["images"] == distributed["images"] == 9
     assert distributed == single
@@ -80,16 +81,18 @@ def test_same_config_and_seed_give_the_same_loss_curve(tiny_data, tmp_path):
     assert len(curves[0]) == 6 and curves[0] == curves[1]
 
 
-@pytest.mark.parametrize("launcher", [msrun, mpirun])
+@pytest.mark.parametrize("launcher, ranks", [(msrun, "--ranks-per-node"), (mpirun, "--ranks")],
+                         ids=["msrun", "mpirun"])
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "{config}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
     ("data.image_size=18", "data.image_size 18 is not divisible by model.patch_size 4; use an image size that is "
                            "a multiple of 4"),
 ])
-def test_bad_config_fails_in_seconds_under_a_launcher_with_one_line(tiny_data, tmp_path, launcher, override, message):
+def test_bad_config_fails_in_seconds_under_a_launcher_with_one_line(tiny_data, tmp_path, launcher, ranks, override,
+                                                                     message):
     config = tiny_config(tmp_path / "c.yaml", tiny_data)
     started = time.monotonic()
-    result = launcher("-n", "2", str(config), "--set", override, f"train.output_dir={tmp_path / 'run'}")
+    result = launcher(ranks, "2", str(config), "--set", override, f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: " + message.format(config=config)
     assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
@@ -116,7 +119,7 @@ def test_eval_rejects_a_checkpoint_of_another_model(dp_runs, tmp_path):
 def test_unwritable_output_dir_is_one_line_under_msrun(tiny_data, tmp_path):
     config = tiny_config(tmp_path / "c.yaml", tiny_data)
     (tmp_path / "file").write_text("not a directory")
-    result = msrun("-n", "2", str(config), "--set", f"train.output_dir={tmp_path / 'file' / 'run'}")
+    result = msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={tmp_path / 'file' / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: cannot write to train.output_dir {tmp_path / 'file' / 'run'}")
     assert len(result.stderr.strip().splitlines()) == 1
