@@ -116,14 +116,14 @@ def test_generate_prints_to_stdout_without_out(tmp_path: Path, capsys: pytest.Ca
 def test_generate_names_device_missing_from_hccn_conf(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     hccn = write_hccn_conf(tmp_path / "hccn.conf", 100, range(4))
-    assert main(["generate", "--devices", "0-5", "--server-ip", "10.1.1.1", "--hccn-conf", str(hccn)]) == 1
+    assert main(["generate", "--devices", "0-5", "--server-ip", "10.1.1.1", "--hccn-conf", str(hccn)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [f"{hccn}: no address_4= line for device 4", f"{hccn}: no address_5= line for device 5"]
 
 
 @pytest.mark.skipif(Path("/etc/hccn.conf").exists(), reason="this host has a real /etc/hccn.conf")
 def test_generate_without_hccn_conf_explains_fix(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--devices", "0-7", "--server-ip", "10.1.1.1"]) == 1
+    assert main(["generate", "--devices", "0-7", "--server-ip", "10.1.1.1"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "/etc/hccn.conf not found" in err[0] and "--hccn-conf" in err[0]
 
@@ -148,7 +148,7 @@ def test_merge_renumbers_ranks_in_file_order(tmp_path: Path) -> None:
 def test_merge_rejects_same_server_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = generate(tmp_path, "10.0.0.1", 100)
     out = tmp_path / "merged.json"
-    assert main(["merge", str(table), str(table), "--out", str(out)]) == 1
+    assert main(["merge", str(table), str(table), "--out", str(out)]) == 2
     assert "server_id 10.0.0.1 appears in 2 inputs; merge each server once" in capsys.readouterr().err
     assert not out.exists()
 
@@ -291,7 +291,7 @@ def test_local_ranks_lists_one_server(capsys: pytest.CaptureFixture[str]) -> Non
         "rank_size 16", "server_count 2", "server_id 192.98.92.101",
         *(f"device {d} {d + 8}" for d in range(8)),
     ]
-    assert main(["local-ranks", str(path), "--server-index", "2"]) == 1
+    assert main(["local-ranks", str(path), "--server-index", "2"]) == 2
     assert "--server-index 2 out of range" in capsys.readouterr().err
 
 

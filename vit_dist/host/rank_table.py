@@ -10,14 +10,15 @@ import argparse
 import ipaddress
 import itertools
 import json
-import os
 import re
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from vit_dist.host.atomic import write_atomic
+from vit_dist.host.errors import EXIT_USER_ERROR, UserError
 
 FORMAT_VERSION = "1.0"
 DEFAULT_HCCN_CONF = Path("/etc/hccn.conf")
@@ -29,7 +30,7 @@ _HCCN_ADDRESS = re.compile(r"\s*address_([0-9]+)\s*=\s*(\S+)\s*$")
 _DIGITS = re.compile(r"[0-9]+")
 
 
-class RankTableError(Exception):
+class RankTableError(UserError):
     """A rank table (or its inputs) is unusable; ``problems`` holds one line per issue."""
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -217,17 +218,7 @@ def _table_from_json(obj: dict[str, Any]) -> RankTable:
 
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write JSON so readers (e.g. workers on a shared FS) never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(obj, indent=4) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users on the node may launch from it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=4) + "\n", durable=True)
 
 
 # --- validation --------------------------------------------------------------------
@@ -460,4 +451,4 @@ def main(argv: list[str]) -> int:
     except RankTableError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
