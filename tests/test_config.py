@@ -56,6 +56,15 @@ def test_unknown_section_and_override_key():
     ("parallel.device_target=TPU", r"parallel\.device_target 'TPU' is not supported; use one of CPU, GPU, Ascend"),
     ("model.num_heads=5", r"model\.embed_dim 768 is not divisible by model\.num_heads 5"),
     ("train.batch_size=0", r"train\.batch_size must be at least 1"),
+    # NaN and infinities (YAML's .nan, .inf) are numbers to the parser, never a usable value.
+    ("train.lr=.nan", r"train\.lr must be a finite number, got nan"),
+    ("train.weight_decay=.inf", r"train\.weight_decay must be a finite number, got inf"),
+    ("train.warmup_epochs=-.inf", r"train\.warmup_epochs must be a finite number"),
+    ("train.grad_clip_norm=.nan", r"train\.grad_clip_norm must be a finite number"),
+    ("precision.loss_scale_value=.inf", r"precision\.loss_scale_value must be a finite number"),
+    ("data.crop_scale=[0.1,.nan]", r"data\.crop_scale must be a finite number"),
+    ("parallel.threads_per_rank=-3", r"parallel\.threads_per_rank must be >= 0"),
+    ("train.adam_beta2=1.0", r"train\.adam_beta1 and adam_beta2 must be in \[0, 1\)"),
 ])
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -253,3 +253,12 @@ def test_pretrained_of_another_class_count_reinitialises_the_head_and_a_body_mis
     with pytest.raises(CheckpointError, match=r"does not fit model\.\*: pos_embed \(1, 5, 192\) vs "
                                                          r"\(1, 10, 192\); .*--image-size"):
         checkpoint.load_pretrained(tiny(5, size=24), tmp_path / "five.safetensors", lines.append)
+
+
+@pytest.mark.parametrize("version, refused", [("2.5.1+cu121", True), ("1.13.1", True), ("2.6.0", False),
+                                              ("2.13.0+cpu", False), ("3", False)])
+def test_torch_files_need_a_torch_whose_weights_only_load_is_safe(version, refused):
+    """torch.load(weights_only=True) can be made to run code before torch 2.6: older ones are refused."""
+    from vit_dist.tools.weights import _release
+
+    assert (_release(version) < (2, 6)) is refused

@@ -2,6 +2,7 @@
 an uninterrupted run, on one device and on 2 msrun ranks."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,8 +12,9 @@ import pytest
 
 from conftest import PYTHON, ROOT, last_checkpoint, load_params, msrun, ok, tiny_config, tool_env, vit_dist
 
-# Shuffled (so the resumed data order matters), no augmentation (so it is exact), 60 steps, 5 evaluations.
-RESUMABLE = {"data": {"augment": False, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5,
+# Shuffled (so the resumed data order matters) and augmented (so the resumed random crops and flips
+# matter), 60 steps, 5 evaluations.
+RESUMABLE = {"data": {"augment": True, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5,
                                                                      "eval_every_epochs": 2},
              "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
 
@@ -131,3 +133,44 @@ def test_no_room_to_save_stops_with_a_clear_message_and_keeps_the_previous_check
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004.json", previous.name]
     finally:
         subprocess.run(["umount", str(run / "checkpoints")], check=True)
+
+
+def test_a_disk_that_fills_up_during_training_is_one_line(tiny_data, tmp_path):
+    """The run directory on a tmpfs that fills up while training runs (real ENOSPC): the next write, an
+    append to metrics.jsonl (written every step here) or the epoch's checkpoint, stops the run with one
+    line naming the file and the fix, no traceback."""
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, train={"epochs": 1000, "log_interval": 1})
+    run = tmp_path / "run"
+    run.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run)], capture_output=True,
+                           text=True)
+    assert mount.returncode == 0, f"mounting a small tmpfs needs root: {mount.stderr}"
+    try:
+        proc = subprocess.Popen([PYTHON, "-m", "vit_dist", "train", str(config), "--set", f"train.output_dir={run}"],
+                                cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not (run / "metrics.jsonl").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "no metrics.jsonl"
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGSTOP)  # the disk fills up between two writes
+            with open(run / "filler", "wb") as filler:
+                try:
+                    while True:
+                        filler.write(b"\0" * 65536)
+                        filler.flush()
+                except OSError:
+                    pass
+            os.killpg(proc.pid, signal.SIGCONT)
+            _, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 2, stderr[-3000:]
+        last_line = stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"error: cannot write (checkpoint )?{re.escape(str(run))}/\S+ \(.*No space left on "
+                            r"device.*\); free disk space .*", last_line), last_line
+        assert "Traceback" not in stderr
+    finally:
+        subprocess.run(["umount", str(run)], check=True)

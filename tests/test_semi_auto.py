@@ -2,6 +2,7 @@
 figures against the real model, and the merge of per-rank slices with MindSpore's transform API.
 (Semi-auto training itself needs Ascend/GPU: MindSpore 2.10 refuses it on the CPU backend.)"""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -222,7 +223,8 @@ def _strategy_and_slices(run_dir, net, mp):
         path = folder / "step_00000004.safetensors"
         # As checkpoint.save writes them: the step and epoch ride along, outside the strategy map.
         ms.save_checkpoint(sliced, str(path), append_dict={"step": 4, "epoch": 1}, format="safetensors")
-        (folder / "step_00000004.json").write_text(json.dumps({"step": 4, "epoch": 1, "sha256": _sha256(path)}))
+        (folder / "step_00000004.json").write_text(json.dumps({"step": 4, "epoch": 1, "sha256": _sha256(path),
+                                                               "world_size": mp}))
     return full
 
 
@@ -243,6 +245,11 @@ def test_merge_checkpoint_rebuilds_the_full_parameters_and_eval_loads_them(tmp_p
     _, fresh = tiny_net()
     load_weights(fresh, merged)  # what single-device `vit-dist eval --ckpt` does
     assert np.array_equal(fresh.blocks[0].attn.query.weight.asnumpy(), full["blocks.0.attn.query.weight"])
+    # The last rank's slices missing (not copied from its node): the world size saved says so.
+    shutil.move(tmp_path / "checkpoints" / "rank_3", tmp_path / "rank_3")
+    out = run([PYTHON, "-m", "vit_dist", "merge-checkpoint", str(tmp_path)], timeout=120)
+    assert out.returncode == 2 and "lacks the slices of ranks [3] of the 4 that saved" in out.stderr
+    shutil.move(tmp_path / "rank_3", tmp_path / "checkpoints" / "rank_3")
     # A rank that stopped early: its newest slice is from another step. One line, exit status 2.
     folder = tmp_path / "checkpoints" / "rank_2"
     for suffix in (".safetensors", ".json"):

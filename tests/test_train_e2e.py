@@ -1,5 +1,6 @@
 """Real training jobs: one device and 2-rank msrun on real images, compared with each other."""
 import json
+import os
 import time
 
 import numpy as np
@@ -123,3 +124,58 @@ def test_unwritable_output_dir_is_one_line_under_msrun(tiny_data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: cannot write to train.output_dir {tmp_path / 'file' / 'run'}")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_new_run_refuses_a_directory_that_holds_another_and_resume_continues_it(tiny_data, tmp_path):
+    """One run per directory: a second run without train.resume would overwrite the first's checkpoints,
+    append to its metrics and report its best checkpoint; it is refused in one line before anything
+    starts, under a launcher too. train.resume=auto continues the run instead."""
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, train={"max_steps": 2})
+    run = tmp_path / "run"
+    ok(vit_dist("train", str(config), "--set", f"train.output_dir={run}"))
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and "logs" not in p.parts}
+    for result in (vit_dist("train", str(config), "--set", f"train.output_dir={run}"),
+                   msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={run}")):
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip() == (f"error: train.output_dir {run} already holds a run (metrics.jsonl, eval.json, "
+                                         "checkpoints/best_step_00000002.safetensors); continue it with --set "
+                                         "train.resume=auto, or start this one in a new train.output_dir")
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and "logs" not in p.parts} == before
+    resumed = ok(vit_dist("train", str(config), "--set", f"train.output_dir={run}", "train.resume=auto"))
+    assert "resumed from" in resumed.stderr
+
+
+def test_a_compile_cache_folder_others_can_write_is_refused(tiny_data, tmp_path):
+    """MindSpore loads and runs the graphs a compile cache holds: one writable by others is refused in one
+    line before anything starts; a new one is made private to the user."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, train={"max_steps": 1})
+    result = vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}",
+                      f"train.compile_cache={shared}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: train.compile_cache folder {shared} is not yours alone")
+    fresh = tmp_path / "own" / "cache"
+    ok(vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / 'run2'}", f"train.compile_cache={fresh}"))
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+def test_planted_symlinks_in_the_run_directory_are_not_written_through(tiny_data, tmp_path):
+    """Temporary files are created exclusively under fresh names: links planted at the names a
+    writer once used (and at a best checkpoint's) leave their targets untouched. Checkpoints are
+    readable as the user's umask says, like any file they write."""
+    config = tiny_config(tmp_path / "c.yaml", tiny_data, train={"max_steps": 2})
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    victim.write_text("precious")
+    (run / "checkpoints").mkdir(parents=True)
+    for name in (".step_00000002.tmp.safetensors", ".step_00000002.tmp.json", ".best_step_00000002.tmp.safetensors",
+                 ".config.yaml.tmp", ".eval.json.tmp"):
+        folder = run / "checkpoints" if "step" in name else run
+        (folder / name).symlink_to(victim)
+    ok(vit_dist("train", str(config), "--set", f"train.output_dir={run}", "train.resume=auto"))
+    assert victim.read_text() == "precious"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (last_checkpoint(run), run / "checkpoints" / "best_step_00000002.safetensors", run / "eval.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -17,6 +17,7 @@ from vit_dist.host.config import Config, compile_cache_dir, load_config
 from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
 from vit_dist.host.preflight import preflight, prepare_run_dir, resolve_run_dir
+from vit_dist.host.private import private_folder
 from vit_dist.host.run_record import CLASSES_FILE, RunRecord
 
 
@@ -24,15 +25,23 @@ def _start(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
     job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
     placement = bootstrap.detect_placement(os.environ)
-    run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True)
+    run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True,
+                              training=job == "train")
     if placement.distributed:
         bootstrap.announce_worker(run_dir, placement.rank)
         print(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}",
               file=sys.stderr, flush=True)
     placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
                                        data_parallel=cfg.parallel.mode == "data",
-                                       compile_cache=compile_cache_dir(cfg, job, placement.world_size))
+                                       compile_cache=_compile_cache(cfg, job, placement.world_size))
     return placement, run_dir.resolve(), scan
+
+
+def _compile_cache(cfg: Config, job: str, world_size: int) -> str | None:
+    """The job's folder in train.compile_cache, which must be the user's own (MindSpore runs what it loads)."""
+    if cfg.train.compile_cache is not None:
+        private_folder(cfg.train.compile_cache, "train.compile_cache")
+    return compile_cache_dir(cfg, job, world_size)
 
 
 def cmd_train(args) -> int:
@@ -136,7 +145,7 @@ def cmd_bench(args) -> int:
     # The train step's cache: bench compiles the very graph training runs, so either fills it for the other.
     placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
                                        data_parallel=cfg.parallel.mode == "data",
-                                       compile_cache=compile_cache_dir(cfg, "train", placement.world_size))
+                                       compile_cache=_compile_cache(cfg, "train", placement.world_size))
     from vit_dist.tools import bench  # imports MindSpore: after bootstrap (the mpirun join)
 
     if args.peak:
@@ -165,8 +174,9 @@ def cmd_preflight(args) -> int:
     if args.bench and not args.data:  # synthetic batches: no data to check
         run_dir = resolve_run_dir(cfg)
         prepare_run_dir(run_dir)
-    else:
-        run_dir, _ = preflight(cfg, args.world, is_main=True, reuse_record=False)
+    else:  # eval is the job with a --ckpt
+        run_dir, _ = preflight(cfg, args.world, is_main=True, reuse_record=False,
+                               training=not args.bench and args.ckpt is None)
     print(run_dir.resolve())
     print(cfg.parallel.device_target)
     return 0

@@ -48,6 +48,9 @@ def train_dataset(cfg: Config, split: Split, classes: dict[str, int], shard: int
     in batches of batch_size (ParallelDims.rank_batch: the train step splits them into micro-batches)."""
     # Every rank draws the same permutation, so the shards stay disjoint.
     ds.config.set_seed(cfg.train.seed)
+    # A resumed run (Dataset.set_init_step) replays the consumed batches' random ops too, so it draws the
+    # uninterrupted run's crops and flips: fast recovery would skip them and draw others.
+    ds.config.set_fast_recovery(False)
     dataset = _image_folder(split, classes, cfg.data.shuffle, shard, num_shards, train_transforms(cfg.data),
                             cfg.data.num_workers)
     return dataset.batch(batch_size, drop_remainder=True)

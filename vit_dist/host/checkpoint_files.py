@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 from dataclasses import dataclass
@@ -92,12 +93,17 @@ def keep_best(run_dir: Path, path: Path, top1: float) -> Path:
     removes the previous best. A crash in between leaves two bests, never none."""
     best = path.with_name(f"best_{path.name}")
     try:
-        with atomic_path(best) as tmp:
-            tmp.unlink()
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
+        # link() creates its name exclusively (it follows no symlink planted there), so the link needs
+        # no temporary file of its own; a copy goes through one.
+        linked = best.with_name(f".{best.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.link(path, linked)
+            os.replace(linked, best)
+        except OSError:
+            linked.unlink(missing_ok=True)
+            with atomic_path(best) as tmp, open(path, "rb") as source:
+                with open(os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW), "wb") as target:
+                    shutil.copyfileobj(source, target)
         write_manifest(best, {**read_manifest(path), "top1": top1})
         fsync_dir(best.parent)
     except OSError as err:

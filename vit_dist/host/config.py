@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -221,19 +223,28 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _as_float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:  # YAML's .nan and .inf: nothing in a config may be NaN or infinite
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif isinstance(value, hint):
         return value
     raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return None
 
 
 def _type_name(hint: Any) -> str:
@@ -294,11 +305,17 @@ def validate(cfg: Config) -> None:
                           f"[0, 1]), got mean {list(d.mean)} std {list(d.std)}")
     if d.num_workers < 1:
         raise ConfigError(f"data.num_workers must be at least 1, got {d.num_workers}")
+    if p.threads_per_rank < 0:
+        raise ConfigError(f"parallel.threads_per_rank must be >= 0 (0: the node's cores split over its ranks), "
+                          f"got {p.threads_per_rank}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr must be > 0 and train.min_lr in [0, lr], got lr={t.lr} min_lr={t.min_lr}")
     if t.warmup_epochs < 0 or t.grad_clip_norm < 0 or t.weight_decay < 0 or not 0 <= t.label_smoothing < 1:
         raise ConfigError("train.warmup_epochs, grad_clip_norm and weight_decay must be >= 0 "
                           "and train.label_smoothing in [0, 1)")
+    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1 and t.adam_eps > 0):
+        raise ConfigError(f"train.adam_beta1 and adam_beta2 must be in [0, 1) and train.adam_eps > 0, got "
+                          f"{t.adam_beta1}, {t.adam_beta2}, {t.adam_eps}")
     if t.eval_every_epochs < 0 or t.max_steps < 0:
         raise ConfigError("train.eval_every_epochs and train.max_steps must be >= 0")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
@@ -373,12 +390,13 @@ def config_digest(cfg: Config) -> str:
 def compile_cache_dir(cfg: Config, job: str, world_size: int) -> Optional[str]:
     """train.compile_cache/<key>: a folder per computation. MindSpore's cache checks the source files
     but not the values a Cell was built with, so a launch with another depth or batch size would load
-    the old graph; the key (config, job, world size, MindSpore version) keeps them apart."""
+    the old graph; the key (config, job, world size, MindSpore version, user) keeps them apart.
+    preflight checks that the folder is the user's own: MindSpore loads and runs what it holds."""
     if cfg.train.compile_cache is None:
         return None
     from importlib.metadata import version
 
-    identity = json.dumps([config_digest(cfg), job, world_size, version("mindspore")])
+    identity = json.dumps([config_digest(cfg), job, world_size, version("mindspore"), os.getuid()])
     return str(Path(cfg.train.compile_cache) / hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 

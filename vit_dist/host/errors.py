@@ -20,5 +20,9 @@ class CheckpointError(UserError):
     """A checkpoint or weights file that cannot be read, written or loaded into the model."""
 
 
+class OutputError(UserError):
+    """A file of the run cannot be written: a full disk, a read-only folder, a quota."""
+
+
 class DependencyError(UserError):
     """An optional package a command needs is not installed."""

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from vit_dist.host import datascan
+from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir
 from vit_dist.host.config import Config
 from vit_dist.host.errors import ConfigError, DataError
 from vit_dist.host.placement import ParallelDims
@@ -34,11 +35,25 @@ def prepare_run_dir(run_dir: Path) -> None:
                           "choose a writable directory with --set train.output_dir=PATH") from None
 
 
-def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool) -> tuple[Path, datascan.DataScan]:
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """One run per directory: a new run into a folder that holds another run's checkpoints or metrics
+    would overwrite the one and mix into the other (and report its best checkpoint)."""
+    used = [name for name in ("metrics.jsonl", "eval.json") if (run_dir / name).exists()]
+    used += [f"checkpoints/{p.name}" for p in sorted(checkpoint_dir(run_dir).glob(f"*{SUFFIX}"))[:1]]
+    if used:
+        raise ConfigError(f"train.output_dir {run_dir} already holds a run ({', '.join(used)}); continue it with "
+                          f"--set train.resume=auto, or start this one in a new train.output_dir")
+
+
+def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool,
+              training: bool = False) -> tuple[Path, datascan.DataScan]:
     """Checks the data and the run for a job of world_size ranks. The main process says what the data
     scan found once and records it in the run directory; with reuse_record, that record (for the same
-    file listing) stands in for reading every image header again. Returns (run directory, scan)."""
+    file listing) stands in for reading every image header again. A training run that does not resume
+    must have a run directory of its own. Returns (run directory, scan)."""
     run_dir = resolve_run_dir(cfg)
+    if is_main and training and cfg.train.resume is None:
+        refuse_used_run_dir(run_dir)
     scan = datascan.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
     bad = scan.bad_files()
     if bad and cfg.data.on_bad_image == "error":

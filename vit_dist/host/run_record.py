@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from vit_dist.host.atomic import write_atomic
 from vit_dist.host.config import Config, dump_yaml
-from vit_dist.host.errors import UserError
+from vit_dist.host.errors import OutputError, UserError
 
 DATA_CHECK_FILE = "data_check.json"
+METRICS_FILE = "metrics.jsonl"
 CLASSES_FILE = "classes.json"  # class names in index order: written by training and import-weights, read by infer
 
 
@@ -52,29 +55,34 @@ class RunRecord:
         self.is_main = is_main
 
     def write_config(self, cfg: Config) -> None:
-        if self.is_main:
-            write_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self._write("config.yaml", dump_yaml(cfg))
 
     def write_classes(self, classes: dict[str, int]) -> None:
         """The class names in index order, so that inference can name predictions without the dataset."""
-        if self.is_main:
-            write_atomic(self.run_dir / CLASSES_FILE, json.dumps(sorted(classes, key=classes.get)) + "\n")
+        self._write(CLASSES_FILE, json.dumps(sorted(classes, key=classes.get)) + "\n")
 
     def log(self, record: dict, line: str) -> None:
         """Prints the line and appends the record to metrics.jsonl."""
         if not self.is_main:
             return
         print(line, flush=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as out:
-            out.write(json.dumps(_finite(record)) + "\n")
+        path = self.run_dir / METRICS_FILE
+        with _writing(path):
+            # O_NOFOLLOW: a planted symlink does not redirect the append; a reader skips a partial last line.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            with os.fdopen(fd, "a") as out:
+                out.write(json.dumps(_finite(record)) + "\n")
 
     def write_data_check(self, record: dict) -> None:
-        if self.is_main:
-            write_atomic(self.run_dir / DATA_CHECK_FILE, json.dumps(record))
+        self._write(DATA_CHECK_FILE, json.dumps(record))
 
     def write_eval(self, result: dict) -> None:
+        self._write("eval.json", json.dumps(result) + "\n")
+
+    def _write(self, name: str, text: str) -> None:
         if self.is_main:
-            write_atomic(self.run_dir / "eval.json", json.dumps(result) + "\n")
+            with _writing(self.run_dir / name):
+                write_atomic(self.run_dir / name, text)
 
     def write_plot(self) -> None:
         """RUN_DIR/curves.png; a missing matplotlib (the optional `plot` extra) is one line, not a failure."""
@@ -89,6 +97,16 @@ class RunRecord:
 
     def say(self, message: str) -> None:
         say(message, self.is_main)
+
+
+@contextmanager
+def _writing(path: Path):
+    """A failed write of a run file (a full disk, say) as one line with the fix."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(f"cannot write {path} ({err.strerror}); free disk space or set train.output_dir "
+                          "elsewhere, then resume with train.resume=auto: the checkpoints are intact") from None
 
 
 def _finite(record: dict) -> dict:

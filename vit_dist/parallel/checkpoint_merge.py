@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir, verified
+from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir, read_manifest, verified
 from vit_dist.host.errors import CheckpointError
 
 RANK_DIR = re.compile(r"rank_(\d+)")
@@ -45,6 +45,11 @@ def newest_rank_checkpoints(run_dir: Path) -> dict[int, Path]:
     if len(steps) > 1:
         raise CheckpointError(f"the ranks' newest slices are from different steps ({', '.join(sorted(steps))}); "
                               "a rank stopped early: merge an older step or rerun")
+    world = read_manifest(newest[0]).get("world_size", len(ranks))  # recorded at save time
+    if len(ranks) != world:
+        raise CheckpointError(f"{ckpts} lacks the slices of ranks {list(range(len(ranks), world))} of the "
+                              f"{world} that saved; copy every rank's rank_N/ folder into it (each node saves "
+                              "its own ranks)")
     return newest
 
 

@@ -216,6 +216,10 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise CheckpointError(f"reading {path} needs PyTorch (pip install torch), or convert it to .safetensors "
                               "first") from None
+    if _release(torch.__version__) < (2, 6):
+        raise CheckpointError(f"reading {path} needs torch >= 2.6, whose torch.load(weights_only=True) cannot be "
+                              f"made to run code (this is {torch.__version__}); upgrade torch, or convert the file "
+                              "to .safetensors first")
     try:
         # weights_only: tensors and containers only, never arbitrary pickled objects.
         state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -228,6 +232,12 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     return {name: value.detach().float().numpy() for name, value in state.items() if torch.is_tensor(value)}
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '2.13.0+cpu'."""
+    major, minor = (re.match(r"(\d+)\.(\d+)", version) or re.match(r"(\d+)()", version)).groups()
+    return int(major), int(minor or 0)
 
 
 def _read_json(path: Path) -> Optional[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mindspore as ms
+from mindspore.communication import get_group_size
 
 from vit_dist.host.atomic import atomic_path
 from vit_dist.host.checkpoint_files import (Progress, checkpoint_path, missing_checkpoint, prune, sha256,
@@ -30,8 +31,10 @@ def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: i
     try:
         with atomic_path(path) as tmp:
             ms.save_checkpoint(state, str(tmp), append_dict=vars(progress), format="safetensors")
-        write_manifest(path, {"step": progress.step, "epoch": progress.epoch, "config": config_digest,
-                              "sha256": sha256(path)})
+        manifest = {"step": progress.step, "epoch": progress.epoch, "config": config_digest, "sha256": sha256(path)}
+        if slice_rank is not None:  # a merge must know how many ranks' slices make the whole
+            manifest["world_size"] = get_group_size()
+        write_manifest(path, manifest)
     except Exception as err:  # MindSpore wraps disk-full and permission errors in RuntimeError
         raise CheckpointError(f"cannot write checkpoint {path} ({' '.join(str(err).split())[:200]}); free disk "
                               f"space or set train.output_dir elsewhere, then resume with train.resume=auto: "

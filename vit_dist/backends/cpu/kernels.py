@@ -24,6 +24,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from vit_dist.host.private import is_private
 from vit_dist.models.spec import ViTSpec
 from vit_dist.models.vit import Attention, Mlp, ViTLayers
 
@@ -46,7 +47,7 @@ def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Op
     folder = cache_dir or Path(tempfile.gettempdir()) / f"vit-dist-kernels-{os.getuid()}"
     library = folder / f"cpu_kernels-{key}.so"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not _private(folder) or (library.exists() and not _private(library)):
+    if not is_private(folder) or (library.exists() and not is_private(library)):
         return None
     if library.is_file():
         return library
@@ -63,13 +64,6 @@ def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Op
             return library
     tmp.unlink(missing_ok=True)
     return None
-
-
-def _private(path: Path) -> bool:
-    """Ours and writable by no one else: a library loaded into the process must not be replaceable
-    by another user (the temporary directory is shared)."""
-    info = path.stat()
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def custom_ops(library: Path, threads: int) -> dict:
