@@ -89,3 +89,16 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(dump_yaml(cfg))
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text())["model"]["embed_dim"] == cfg.model.embed_dim
+
+
+def test_the_command_line_takes_set_before_the_config_and_says_its_version():
+    from conftest import ok, vit_dist
+
+    config = str(CONFIGS / "demo.yaml")
+    before = ok(vit_dist("plan", "--world", "2", "--set", "model.num_classes=10", "train.batch_size=8", config, "--json"))
+    after = ok(vit_dist("plan", config, "--world", "2", "--json", "--set", "model.num_classes=10", "train.batch_size=8"))
+    assert before.stdout == after.stdout and '"world": 2' in before.stdout
+    missing = vit_dist("plan", "--world", "2", "--set", "model.num_classes=10")
+    assert missing.returncode == 2 and "vit-dist plan needs a CONFIG" in missing.stderr
+    from vit_dist import __version__
+    assert ok(vit_dist("--version")).stdout.strip() == f"vit-dist {__version__}"

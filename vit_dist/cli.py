@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from vit_dist import bootstrap
+from vit_dist import __version__, bootstrap
 from vit_dist.host.config import Config, compile_cache_dir, load_config
 from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
@@ -265,11 +265,12 @@ def cmd_import_weights(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-dist", description="Distributed ViT training with MindSpore")
+    parser.add_argument("--version", action="version", version=f"vit-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", help="YAML config file")
+        p.add_argument("config", nargs="?", help="YAML config file")  # or after --set: see parse_args
         p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set train.epochs=3 model.depth=6 (repeatable)")
         return p
@@ -356,11 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; `--set k=v CONFIG` works too: --set takes every word after it, so a word
+    there without '=' is the config (no override lacks one)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = getattr(args, "set", [])
+    stray = [word for word in overrides if "=" not in word]
+    if stray and getattr(args, "config", "") is None and len(stray) == 1:
+        args.config, args.set = stray[0], [word for word in overrides if word != stray[0]]
+    if getattr(args, "config", "") is None and args.func is not cmd_bench:
+        parser.error(f"vit-dist {args.command} needs a CONFIG (a YAML file, e.g. configs/demo.yaml)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     if bootstrap.is_scheduler(os.environ):  # msrun and the mpirun bootstrap start this script as the scheduler too
         bootstrap.serve_scheduler(os.environ)
         return 0
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except UserError as err:
