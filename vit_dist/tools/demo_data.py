@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vit_dist.host.errors import DependencyError
+
 VAL_EVERY = 5  # every 5th image of a class goes to val: a deterministic 80/20 split
 
 
@@ -14,7 +16,7 @@ def write_demo_data(out: str | Path, image_size: int = 32) -> dict[str, int]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("error: demo-data needs scikit-learn; pip install 'vit-dist[demo]'") from None
+        raise DependencyError("demo-data needs scikit-learn; pip install 'vit-dist[demo]'") from None
     digits = load_digits()
     out = Path(out)
     counts = {"train": 0, "val": 0}
