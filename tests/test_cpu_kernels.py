@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import worst_relative_difference
+from conftest import vit_model, worst_relative_difference
 from vit_dist.host.config import load_config
 
 TINY = ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.depth=2", "model.drop_path_rate=0",
@@ -108,7 +108,6 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
     import mindspore as ms
 
     from vit_dist.backends.cpu.kernels import StepSignal
-    from conftest import vit_model
     from vit_dist.training.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
     from vit_dist.host.placement import Placement

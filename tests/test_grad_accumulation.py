@@ -4,7 +4,7 @@ normalised step and clipping would hide a wrongly scaled gradient."""
 import numpy as np
 import pytest
 
-from conftest import worst_relative_difference
+from conftest import vit_model, worst_relative_difference
 from vit_dist.host.config import ConfigError, load_config
 
 TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=1",
@@ -14,7 +14,6 @@ TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.e
 def trained_state(accumulation: int, scaled: bool, images, labels, steps: int = 2) -> dict:
     import mindspore as ms
 
-    from conftest import vit_model
     from vit_dist.training.optim import build_optimizer
     from vit_dist.training.precision import build_loss_scaler
     from vit_dist.parallel.data_parallel import gradient_reducer

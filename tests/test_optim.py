@@ -5,6 +5,7 @@ import pytest
 
 from vit_dist.host.config import load_config
 from vit_dist.training.optim import decays, lr_schedule
+from conftest import vit_model
 
 
 def test_warmup_then_cosine_per_step():
@@ -38,7 +39,6 @@ DECAYED = {"patch_embed.proj.weight", "blocks.0.attn.query.weight", "blocks.0.at
 
 
 def test_the_built_model_splits_as_intended():
-    from conftest import vit_model
     from vit_dist.training.optim import build_optimizer
 
     cfg = load_config(None, SMALL)
@@ -60,7 +60,6 @@ def test_flat_adamw_makes_the_per_parameter_update():
     import mindspore as ms
     import numpy as np
 
-    from conftest import vit_model
     from vit_dist.training.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
     from vit_dist.host.placement import Placement

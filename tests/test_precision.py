@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist
+from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist, vit_model
 from vit_dist.host.config import ConfigError, load_config
 
 PER_STEP = {"train": {"log_interval": 1, "epochs": 1}, "checkpoint": {"every_n_steps": 1, "keep_last": 100}}
@@ -81,7 +81,6 @@ def test_the_dynamic_scale_grows_after_each_window_of_finite_steps(tiny_data, tm
 def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
     from vit_dist.host.checkpoint_files import Progress
     from vit_dist.training import checkpoint
-    from conftest import vit_model
     from vit_dist.training.optim import build_optimizer
     from vit_dist.training.precision import apply_mixed_precision, build_loss_scaler
 
@@ -124,7 +123,6 @@ def test_fixed_scale_without_overflow_matches_unscaled_o2(tiny_data, tmp_path):
 def test_o2_keeps_layernorm_and_softmax_in_float32_and_o3_casts_everything(level, norm_and_softmax):
     from mindspore import nn
 
-    from conftest import vit_model
     from vit_dist.models.vit import Linear
     from vit_dist.training.precision import apply_mixed_precision
 

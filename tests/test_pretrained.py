@@ -8,14 +8,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import last_checkpoint, load_params, ok, tiny_config, vit_dist
+from conftest import last_checkpoint, load_params, ok, tiny_config, vit_dist, vit_model
 from vit_dist.host.checkpoint_files import head_classes
 from vit_dist.host.errors import CheckpointError
 from vit_dist.training import checkpoint
 from vit_dist.cli import main
 from vit_dist.host.config import load_config
 from vit_dist.tools.infer import write_predictions
-from conftest import vit_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -262,3 +261,12 @@ def test_torch_files_need_a_torch_whose_weights_only_load_is_safe(version, refus
     from vit_dist.tools.weights import _release
 
     assert (_release(version) < (2, 6)) is refused
+
+
+def test_an_output_named_like_mindspores_own_format_is_refused(tmp_path):
+    """import-weights writes safetensors: an OUT ending in .ckpt (MindSpore's own format) would hold
+    bytes MindSpore's .ckpt reader cannot read, so it is refused in one line and nothing is written."""
+    result = vit_dist("import-weights", str(tmp_path / "src.safetensors"), str(tmp_path / "out.ckpt"), "--from", "timm")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'out.ckpt'}: import-weights writes safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import ROOT, run, tiny_config, tool_env, PYTHON
+from conftest import PYTHON, ROOT, run, tiny_config, tool_env, vit_model
 from vit_dist.host.checkpoint_files import sha256 as _sha256
 from vit_dist.host.errors import CheckpointError
 from vit_dist.host.config import ConfigError, load_config
@@ -19,7 +19,6 @@ TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.e
 
 
 def tiny_net(*overrides):
-    from conftest import vit_model
 
     cfg = load_config(None, TINY + list(overrides))
     return cfg, vit_model(cfg, cfg.model.num_classes)

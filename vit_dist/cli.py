@@ -242,6 +242,9 @@ def cmd_import_weights(args) -> int:
     from vit_dist.host.config import dump_yaml, validate
     from vit_dist.tools import weights
 
+    if Path(args.out).suffix != ".safetensors":  # a .ckpt would hold bytes MindSpore's .ckpt reader cannot read
+        raise ConfigError(f"{args.out}: import-weights writes safetensors; name the output .safetensors (read it "
+                          "with mindspore.load_checkpoint(path, format='safetensors'))")
     if (args.base or args.set) and not args.config_out:
         raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
     imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads, image_size=args.image_size,
