@@ -1,13 +1,20 @@
-"""Bad image files, hidden and stray entries: found before training, skipped (or refused), said once."""
+"""Bad image files, hidden and stray entries: found before training (every image decoded, in child
+processes, remembered in a per-user cache), skipped (or refused), said once; every problem at once."""
 import io
 import json
+import os
+import signal
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from conftest import msrun, ok, tiny_config, vit_dist, write_image_folder
+from conftest import PYTHON, last_checkpoint, msrun, ok, run, tiny_config, tool_env, write_image_folder
 from vit_dist.host import datascan as data
+from vit_dist.host import image_check
 
 
 def _encoded(image_format: str, size=(24, 24), **options) -> bytes:
@@ -17,14 +24,58 @@ def _encoded(image_format: str, size=(24, 24), **options) -> bytes:
     return out.getvalue()
 
 
+def _damaged_huffman_jpeg() -> bytes:
+    """A JPEG whose first Huffman table (DHT) has its code counts overwritten: markers, header and end
+    marker intact, so a header check passes it; MindSpore's Decode crashes the process (SIGSEGV) on it."""
+    data = bytearray(_encoded("JPEG", (64, 64)))
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5:dht + 21] = b"\xff" * 16
+    return bytes(data)
+
+
+def _damaged_idat_png() -> bytes:
+    """A PNG whose compressed pixel data is overwritten inside its IDAT chunk; header and IEND intact."""
+    data = bytearray(_encoded("PNG", (64, 64)))
+    idat = data.index(b"IDAT")
+    data[idat + 20:idat + 60] = bytes(40)
+    return bytes(data)
+
+
 BAD = {  # name: (content, the reason check-data gives)
     "empty.jpg": (b"", "empty file"),
     "notes.jpg": (b"shopping list: eggs", "not an image"),
     "cut.jpg": (_encoded("JPEG")[:-200], "truncated JPEG"),
-    "header.jpg": (_encoded("JPEG")[:300], "corrupt or truncated header"),
+    "header.jpg": (_encoded("JPEG")[:300], "corrupt or truncated"),
     "cut.png": (_encoded("PNG")[:900], "truncated PNG"),
     "anim.png": (_encoded("GIF"), "GIF image, which MindSpore's decoder does not read"),
+    "huffman.jpg": (_damaged_huffman_jpeg(), "corrupt or truncated (broken data stream"),
+    "idat.png": (_damaged_idat_png(), "corrupt or truncated (broken data stream"),
+    "cut.bmp": (_encoded("BMP", (64, 64))[:-500], "corrupt or truncated (image file is truncated"),
+    "cut.tif": (_encoded("TIFF", (64, 64))[:-500], "corrupt or truncated (image file is truncated"),
 }
+# Passed by the header-and-end-marker check this one replaced; only a full decode finds them.
+DAMAGED_INSIDE = ("huffman.jpg", "idat.png", "cut.bmp", "cut.tif")
+
+
+def check_data(root: Path, cache: Path):
+    return run([PYTHON, "-m", "vit_dist", "check-data", str(root)], env=tool_env(XDG_CACHE_HOME=str(cache)))
+
+
+def vit_dist(cache: Path, *args: str):
+    return run([PYTHON, "-m", "vit_dist", *args], env=tool_env(XDG_CACHE_HOME=str(cache)))
+
+
+def test_the_damaged_files_pass_a_header_check_and_fail_a_full_decode(tmp_path):
+    for name in DAMAGED_INSIDE:
+        path = tmp_path / name
+        path.write_bytes(BAD[name][0])
+        with Image.open(path) as image:
+            assert image.format in image_check.DECODABLE_FORMATS and image.size == (64, 64)
+            marker = image_check.END_MARKERS.get(image.format)
+            assert marker is None or marker in path.read_bytes()[-image_check.END_MARKER_WINDOW:]
+            with pytest.raises(OSError):
+                image.load()
+        assert image_check.problem(path).startswith(BAD[name][1])
 
 
 def _good_but_unusual(folder):
@@ -50,18 +101,46 @@ def _messy_data(root):
 
 def test_check_data_lists_each_bad_file_with_its_reason(tmp_path):
     root = _messy_data(tmp_path / "messy")
-    result = vit_dist("check-data", str(root))
+    result = check_data(root, tmp_path / "cache")
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
     for split, folder in (("train", "digit1"), ("val", "digit7")):
         for name, (_, reason) in BAD.items():
             assert any(line.startswith(f"{root / split / folder / name}: {reason}") for line in lines), (name, lines)
     assert "skipping 1 hidden file(s) (digit1/._train_000.png)" in result.stdout
-    assert lines[-1] == f"12 bad of 55 image files under {root}"
+    assert lines[-1] == f"20 bad of 63 image files under {root}"
     for unusual in ("cmyk", "palette", "progressive", "deep", "big"):
         assert unusual not in result.stdout
     clean = write_image_folder(tmp_path / "clean", {"train": {"digit1": 2}, "val": {"digit1": 1}})
-    assert ok(vit_dist("check-data", str(clean))).stdout.strip() == f"0 bad of 3 image files under {clean}"
+    assert ok(check_data(clean, tmp_path / "cache")).stdout.strip() == f"0 bad of 3 image files under {clean}"
+
+
+def test_check_data_says_every_problem_at_once_and_any_name(tmp_path):
+    """Bad files, a class folder in one split only, an empty class, stray entries and names that are
+    not UTF-8, in one run; before, the class mismatch ended it and such a name raised UnicodeEncodeError."""
+    root = write_image_folder(tmp_path / "data", {"train": {"digit1": 2, "digit7": 2}, "val": {"digit1": 1, "digit9": 1}})
+    digit1 = root / "train" / "digit1"
+    (digit1 / "caf\udce9.png").write_bytes((digit1 / "train_000.png").read_bytes())  # fine, and listed nowhere
+    (digit1 / "b\udcffd.jpg").write_bytes(BAD["huffman.jpg"][0])
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "readme.txt").write_text("stray")
+    (root / "val" / "digit7").mkdir()
+    (root / "val" / "digit7" / "x.jpg").write_bytes(b"")
+    result = check_data(root, tmp_path / "cache")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"{root}/train/digit1/b\\xffd.jpg: corrupt or truncated (broken data stream" in result.stdout
+    assert f"{root}/val/digit7/x.jpg: empty file" in lines
+    assert f"class folders differ between {root}/train and {root}/val: only in train ['empty'], " \
+           "only in val ['digit9']; give both splits the same classes" in lines
+    assert f"{root}/train: class folder(s) with no images: empty; they stay classes (so class indices match " \
+           "the folder list) with no samples" in lines
+    assert f"{root}/train: ignoring 1 non-image or hidden entries (readme.txt)" in lines
+    assert "caf" not in result.stdout
+    assert lines[-1] == f"2 bad of 9 image files under {root}; 1 other problem(s) above"
+    # A class folder whose name is not UTF-8 cannot be given to MindSpore: a problem, named.
+    (root / "train" / "na\udcefve").mkdir()
+    assert f"{root}/train/na\\xefve: the class folder's name is not UTF-8" in check_data(root, tmp_path / "cache").stdout
 
 
 def test_the_scan_lists_files_in_the_order_imagefolderdataset_reads_them(tmp_path):
@@ -85,7 +164,7 @@ def test_the_scan_lists_files_in_the_order_imagefolderdataset_reads_them(tmp_pat
     assert read == list(split.files) == ["cats/.hidden.png", "cats/10.png", "cats/2.png", "cats/B.PNG",
                                          "cats/Z.jpeg", "cats/b.png"]
     assert split.classes == ("cats", "dogs") and split.hidden == (0,) and split.num_images == 5
-    notes = " | ".join(split.notes)
+    notes = " | ".join(split.notes())
     for said in ("1 hidden file(s) (cats/.hidden.png)", "cats/a.Png", "cats/notes.txt", ".cache",
                  "folder(s) inside class folders", "cats/nested", "with no images: dogs"):
         assert said in notes, said
@@ -94,16 +173,16 @@ def test_the_scan_lists_files_in_the_order_imagefolderdataset_reads_them(tmp_pat
 def test_training_on_two_ranks_skips_bad_images_and_says_so_once(tmp_path):
     root = _messy_data(tmp_path / "messy")
     config = tiny_config(tmp_path / "c.yaml", root, train={"epochs": 1, "batch_size": 8, "eval_batch_size": 4})
-    run = tmp_path / "run"
-    result = ok(msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={run}"))
+    run_dir = tmp_path / "run"
+    result = ok(msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={run_dir}"))
     said = result.stdout + result.stderr
-    assert said.count("skipping 12 image file(s) the decoder would fail on") == 1, said
-    assert "12 bad image file(s) left out" in said
-    # 37 train images are kept (the hidden one and 6 bad ones are not): 19 per rank, 2 steps of 8.
+    assert said.count("skipping 20 image file(s) the decoder would fail on") == 1, said
+    assert "20 bad image file(s) left out" in said
+    # 37 train images are kept (the hidden one and 10 bad ones are not): 19 per rank, 2 steps of 8.
     assert "step 2/2" in said
     final = json.loads(result.stdout.strip().splitlines()[-1])
-    assert final["images"] == 6  # every good val image, none of the 6 bad ones
-    assert len(json.loads((run / "data_check.json").read_text())["bad"]["train"]) == 6
+    assert final["images"] == 6  # every good val image, none of the 10 bad ones
+    assert len(json.loads((run_dir / "data_check.json").read_text())["bad"]["train"]) == 10
 
 
 def test_on_bad_image_error_stops_the_job_before_it_starts(tmp_path):
@@ -113,6 +192,6 @@ def test_on_bad_image_error_stops_the_job_before_it_starts(tmp_path):
     result = msrun("--ranks-per-node", "2", str(config), "--set", "data.on_bad_image=error",
                    f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: 12 image file(s) the decoder would fail on, the first ")
+    assert result.stderr.strip().startswith("error: 20 image file(s) the decoder would fail on, the first ")
     assert "or set data.on_bad_image=skip" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 30 and not (tmp_path / "run" / "logs").exists()

@@ -183,18 +183,17 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from vit_dist.host.config import DataConfig
-    from vit_dist.host.datascan import scan_and_check
+    """Every data problem under ROOT at once; exit 1 if any would stop or change training."""
+    from vit_dist.host.datascan import survey
+    from vit_dist.host.image_check import printable
 
-    scan = scan_and_check(DataConfig(root=args.root))
-    for line in scan.train.notes + scan.val.notes:
+    found = survey(Path(args.root))
+    for line in found.notes + found.problems:
         print(line)
-    bad = scan.bad_files()
-    for line in bad:
-        print(line)
-    checked = sum(split.num_images + len(split.bad) for split in (scan.train, scan.val))
-    print(f"{len(bad)} bad of {checked} image files under {args.root}")
-    return 1 if bad else 0
+    others = len(found.problems) - found.bad
+    print(f"{found.bad} bad of {found.checked} image files under {printable(args.root)}"
+          + (f"; {others} other problem(s) above" if others else ""))
+    return 1 if found.problems else 0
 
 
 def cmd_plan(args) -> int:
