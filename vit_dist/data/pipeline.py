@@ -33,6 +33,11 @@ def eval_transforms(cfg: DataConfig) -> list:
 
 def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: int, world_size: int,
                   transforms: list, num_workers: int):
+    # A file that fails to decode although the check passed it (changed since, or a decoder quirk) is
+    # replaced by a healthy sample, and MindSpore's log names it, instead of ending the job. REPLACE
+    # rather than SKIP: every rank keeps its batch count, so no rank waits for another in a collective.
+    # The setting is MindSpore's global one; every pipeline here wants it.
+    ds.config.set_error_samples_mode(ds.config.ErrorSamplesMode.REPLACE)
     # The shard is drawn from the kept files only; a shuffled one reshuffles every epoch from the seed.
     sampler = ds.DistributedSampler(num_shards=world_size, shard_id=rank, shuffle=shuffle)
     if split.excluded:
