@@ -7,15 +7,18 @@ without one, classes are their indices.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from vit_dist.host.atomic import write_atomic
 from vit_dist.host.config import Config
 from vit_dist.host.datascan import is_image
 from vit_dist.host.errors import ConfigError, DataError
+from vit_dist.host.image_check import check_in_children, printable
 from vit_dist.host.placement import Placement
 from vit_dist.host.run_record import CLASSES_FILE, say
 
@@ -26,11 +29,20 @@ def find_images(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise ConfigError(f"--images {path} does not exist; pass an image file or a folder of images")
+        raise ConfigError(f"--images {printable(path)} does not exist; pass an image file or a folder of images")
     images = sorted(p for p in path.rglob("*") if p.is_file() and is_image(p))
     if not images:
-        raise ConfigError(f"--images {path} holds no .jpg/.jpeg/.png/.bmp/.tif images")
+        raise ConfigError(f"--images {printable(path)} holds no .jpg/.jpeg/.png/.bmp/.tif images")
     return images
+
+
+def check_images(paths: list[Path]) -> None:
+    """Refuses, in one line, the first image the decoder would fail on, before MindSpore's decoder
+    sees it: that decoder can crash the process on a damaged JPEG, so PIL decodes each one first,
+    in child processes."""
+    for path, reason in zip(paths, check_in_children(paths)):
+        if reason:
+            raise DataError(f"cannot decode image {printable(path)}: {reason}; remove it or pass other --images")
 
 
 def class_names(checkpoint: str | Path, num_classes: int) -> list[str]:
@@ -55,7 +67,7 @@ def preprocess(paths: list[Path], cfg: Config) -> np.ndarray:
         try:
             batch.append(pipeline(np.fromfile(path, np.uint8)))
         except RuntimeError:
-            raise DataError(f"cannot decode image {path}; remove it or pass other --images") from None
+            raise DataError(f"cannot decode image {printable(path)}; remove it or pass other --images") from None
     return np.stack(batch)
 
 
@@ -76,7 +88,7 @@ def predict(net, paths: list[Path], cfg: Config, batch_size: int, names: list[st
         probs /= probs.sum(axis=1, keepdims=True)
         for path, row in zip(chunk, probs):
             top = np.argsort(-row, kind="stable")[:k]
-            results.append({"image": str(path),
+            results.append({"image": printable(path),
                             "topk": [{"class": names[i], "index": int(i), "prob": float(row[i])} for i in top]})
     return results
 
@@ -88,17 +100,19 @@ def format_prediction(prediction: dict) -> str:
 def write_predictions(predictions: list[dict], out: str | Path) -> None:
     """JSON (a list of predictions) for .json, else CSV with one row per image and rank."""
     out = Path(out)
+    if out.suffix == ".json":
+        text = json.dumps(predictions, indent=1) + "\n"
+    else:
+        rows = io.StringIO(newline="")
+        writer = csv.writer(rows)
+        writer.writerow(["image", "rank", "class", "index", "prob"])
+        for prediction in predictions:
+            for rank, top in enumerate(prediction["topk"], 1):
+                writer.writerow([prediction["image"], rank, top["class"], top["index"], f"{top['prob']:.6g}"])
+        text = rows.getvalue()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".json":
-            out.write_text(json.dumps(predictions, indent=1) + "\n")
-            return
-        with open(out, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", "rank", "class", "index", "prob"])
-            for prediction in predictions:
-                for rank, top in enumerate(prediction["topk"], 1):
-                    writer.writerow([prediction["image"], rank, top["class"], top["index"], f"{top['prob']:.6g}"])
+        write_atomic(out, text)
     except OSError as err:
         raise ConfigError(f"cannot write --out {out}: {err.strerror}; choose a writable path") from None
 
@@ -111,6 +125,7 @@ def run_inference(cfg: Config, checkpoint_path: str | Path, images: str | Path, 
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
     paths = find_images(images)
+    check_images(paths)
     num_classes = cfg.model.num_classes or head_classes(checkpoint_path)
     net = model_from_checkpoint(cfg, checkpoint_path, Placement.single(), lambda line: say(line, True),
                                 num_classes)
