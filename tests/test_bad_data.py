@@ -195,3 +195,117 @@ def test_on_bad_image_error_stops_the_job_before_it_starts(tmp_path):
     assert result.stderr.strip().startswith("error: 20 image file(s) the decoder would fail on, the first ")
     assert "or set data.on_bad_image=skip" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 30 and not (tmp_path / "run" / "logs").exists()
+
+
+def test_a_second_check_answers_unchanged_files_from_the_cache_without_opening_them(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"train": {"digit1": 3}, "val": {"digit1": 1}})
+    target = root / "train" / "digit1" / "train_001.png"
+    good = target.read_bytes()
+    damaged = bytearray(good)
+    damaged[good.index(b"IDAT") + 10:good.index(b"IDAT") + 30] = bytes(20)
+    target.write_bytes(bytes(damaged))  # same size, same inode
+    said = f"{target}: corrupt"
+    assert said in check_data(root, tmp_path / "cache").stdout
+    caches = (tmp_path / "cache" / "vit-dist").glob("image-check-*.json")  # one per split
+    assert sorted(len(json.loads(cache.read_text())["files"]) for cache in caches) == [1, 3]
+    # Repaired in place with size, inode and mtime kept: a check that opened the file would pass it.
+    mtime = target.stat().st_mtime_ns
+    with open(target, "r+b") as f:
+        f.write(good)
+    os.utime(target, ns=(mtime, mtime))
+    assert said in check_data(root, tmp_path / "cache").stdout
+    os.utime(target, ns=(mtime + 1, mtime + 1))  # now changed as far as the cache can tell: decoded again
+    assert ok(check_data(root, tmp_path / "cache")).stdout.strip() == f"0 bad of 4 image files under {root}"
+
+
+def test_a_cache_folder_others_could_write_is_refused_in_one_line(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"train": {"digit1": 1}, "val": {"digit1": 1}})
+    folder = tmp_path / "cache" / "vit-dist"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    result = check_data(root, tmp_path / "cache")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: the cache folder {folder} is writable by others (mode 777); remove it (it is rebuilt, mode 700) "
+        "or set XDG_CACHE_HOME to a folder of your own")
+    folder.chmod(0o700)
+    if os.getuid() == 0:  # only root can give a folder away
+        os.chown(folder, 4242, 4242)
+        assert "is owned by uid 4242, not by you (uid 0)" in check_data(root, tmp_path / "cache").stderr
+    folder.rmdir()
+    folder.symlink_to(tmp_path)
+    assert "is not a folder (a symlink or a file)" in check_data(root, tmp_path / "cache").stderr
+    folder.unlink()
+    ok(check_data(root, tmp_path / "cache"))
+    assert (folder.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_worker_that_dies_costs_one_file_and_the_check_goes_on(tmp_path):
+    """A worker killed while decoding (as a decoder crash kills it): the file it was on is reported,
+    the rest of its chunk is checked by a new worker."""
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), np.uint8)).save(big)
+    (tmp_path / "bad.png").write_bytes(BAD["idat.png"][0])
+    (tmp_path / "good.png").write_bytes(_encoded("PNG"))
+    paths = [big, tmp_path / "bad.png", tmp_path / "good.png"]
+    answers = []
+    checking = threading.Thread(target=lambda: answers.extend(image_check.check_in_children(paths, workers=1)))
+    checking.start()
+    worker = None
+    while worker is None and checking.is_alive():
+        worker = next(iter(_children_running("vit_dist.host.image_check")), None) or time.sleep(0.005)
+    os.kill(worker, signal.SIGSEGV)
+    checking.join(60)
+    assert answers[0] == image_check.CRASHED == "the decoder crashed"
+    assert answers[1].startswith("corrupt or truncated (broken data stream") and answers[2] is None
+
+
+def _children_running(module: str) -> list[int]:
+    pids = []
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:  # gone already
+                pass
+    return pids
+
+
+def test_a_val_split_of_bad_images_is_refused_before_anything_starts(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"train": {"digit1": 8}})
+    (root / "val" / "digit1").mkdir(parents=True)
+    for name in ("huffman.jpg", "idat.png", "cut.bmp"):
+        (root / "val" / "digit1" / name).write_bytes(BAD[name][0])
+    config = tiny_config(tmp_path / "c.yaml", root)
+    result = vit_dist(tmp_path / "cache", "train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {root}/val: all 3 image files are ones the decoder would fail on, the first digit1/cut.bmp "
+        f"({BAD['cut.bmp'][1]} (76 bytes not processed))); replace them (vit-dist check-data {root} lists all)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_damaged_after_the_check_is_replaced_and_training_finishes(tmp_path):
+    """The launchers' order: preflight checks and records; the image is then overwritten (the file
+    listing, hence the record, unchanged); the worker trusts the record, and the pipeline replaces the
+    sample its decoder fails on instead of ending the job. Names that are not UTF-8 train too; infer
+    refuses the damaged JPEG MindSpore's decoder would crash on, in one line."""
+    root = write_image_folder(tmp_path / "data", {"train": {"digit1": 8, "digit7": 8}, "val": {"digit1": 2, "digit7": 2}})
+    digit1 = root / "train" / "digit1"
+    (digit1 / "caf\udce9.png").write_bytes((digit1 / "train_000.png").read_bytes())
+    (digit1 / "b\udcffd.jpg").write_bytes(BAD["huffman.jpg"][0])
+    config = tiny_config(tmp_path / "c.yaml", root, train={"epochs": 1, "batch_size": 4, "eval_batch_size": 4})
+    run_dir = tmp_path / "run"
+    checked = ok(vit_dist(tmp_path / "cache", "preflight", str(config), "--world", "1",
+                          "--set", f"train.output_dir={run_dir}"))
+    assert f"({root}/train/digit1/b\\xffd.jpg: corrupt or truncated (broken data stream" in checked.stderr
+    (digit1 / "train_003.png").write_bytes(b"overwritten after the check")
+    trained = ok(vit_dist(tmp_path / "cache", "train", str(config), "--set", f"train.output_dir={run_dir}"))
+    said = trained.stdout + trained.stderr
+    assert "step 4/4" in said  # 17 good train images, 16 in 4 batches of 4
+    assert f"{digit1}/train_003.png" in said  # MindSpore's log names the replaced sample
+    infer = vit_dist(tmp_path / "cache", "infer", str(config), "--ckpt", str(last_checkpoint(run_dir)),
+                     "--images", str(digit1 / "b\udcffd.jpg"))
+    assert infer.returncode == 2 and infer.stderr.strip().splitlines()[-1] == (
+        f"error: cannot decode image {digit1}/b\\xffd.jpg: corrupt or truncated (broken data stream when reading "
+        "image file); remove it or pass other --images")

@@ -30,8 +30,11 @@ def test_missing_root_split_and_empty_split_are_clear(tmp_path):
     with pytest.raises(DataError, match="has no val/ folder"):
         data.scan_split(tmp_path, "val")
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(DataError, match="holds no images in class folders"):
-        data.scan_split(tmp_path, "train")
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    assert data.split_problems(data.scan_split(tmp_path, "train")) == [
+        f"{tmp_path}/train holds no images in class folders; expected {tmp_path}/train/<class>/<image>.jpg|png"]
+    with pytest.raises(DataError, match="train holds no images in class folders"):
+        data.scan_dataset(load_config(None, [f"data.root={tmp_path}"]).data)
 
 
 def test_class_mismatch_names_the_difference(tmp_path):
