@@ -36,6 +36,7 @@ CRASHED = "the decoder crashed"
 CHECK_VERSION = f"2/Pillow {PIL.__version__}"
 # Files per message to a worker: large enough to amortise the pipe, small enough to share the work out.
 CHUNK = 16
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def printable(name: str | Path) -> str:
@@ -93,7 +94,9 @@ class _Worker:
     A plain subprocess rather than multiprocessing, whose spawn would re-run the caller's main script."""
 
     def __init__(self):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # The child imports this package from where the caller did, installed or not.
+        path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path)
         self.process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
         self.chunk: list[int] = []  # positions of the files sent and not yet answered
@@ -193,7 +196,7 @@ def cache_dir() -> Path:
         folder.mkdir(mode=0o700, exist_ok=True)
         info = folder.lstat()
     except OSError as err:
-        raise ConfigError(f"cannot create the cache folder {folder}: {err.strerror}; "
+        raise ConfigError(f"cannot create the cache folder {printable(folder)}: {err.strerror}; "
                           "set XDG_CACHE_HOME to a writable folder of your own") from None
     if not stat.S_ISDIR(info.st_mode):
         problem_ = "not a folder (a symlink or a file)"
@@ -239,15 +242,15 @@ def find_problems(folder: Path, names: list[str], workers: int | None = None) ->
     reasons: dict[int, str | None] = {}
     for index, (name, identity) in enumerate(zip(names, identities)):
         entry = cached.get(name)
-        if identity is not None and isinstance(entry, list) and entry[:3] == identity:
+        if identity is not None and isinstance(entry, list) and len(entry) == 4 and entry[:3] == identity:
             reasons[index] = entry[3]
     unknown = [i for i in range(len(names)) if i not in reasons]
-    fresh = dict(zip(unknown, check_in_children([folder / names[i] for i in unknown], workers) if unknown else []))
-    reasons.update(fresh)
+    decoded = dict(zip(unknown, check_in_children([folder / names[i] for i in unknown], workers) if unknown else []))
+    reasons.update(decoded)
     # A crash is not cached: it may have been the machine's (memory, a signal), not the file's.
     entries = {names[i]: identities[i] + [reason] for i, reason in reasons.items()
                if identities[i] is not None and reason != CRASHED}
-    if fresh or len(entries) != len(cached):
+    if decoded or len(entries) != len(cached):
         # ensure_ascii: names that are not UTF-8 are written as \udcNN escapes and read back the same.
         write_atomic(cache_path, json.dumps({"version": CHECK_VERSION, "files": entries}, ensure_ascii=True))
     return {i: reasons[i] for i in range(len(names)) if reasons[i]}
