@@ -138,6 +138,9 @@ def test_check_data_says_every_problem_at_once_and_any_name(tmp_path):
     assert f"{root}/train: ignoring 1 non-image or hidden entries (readme.txt)" in lines
     assert "caf" not in result.stdout
     assert lines[-1] == f"2 bad of 9 image files under {root}; 1 other problem(s) above"
+    cached = {name for cache in (tmp_path / "cache" / "vit-dist").glob("*.json")
+              for name in json.loads(cache.read_text())["files"]}
+    assert {"digit1/caf\udce9.png", "digit1/b\udcffd.jpg"} <= cached  # JSON gives the names back as found
     # A class folder whose name is not UTF-8 cannot be given to MindSpore: a problem, named.
     (root / "train" / "na\udcefve").mkdir()
     assert f"{root}/train/na\\xefve: the class folder's name is not UTF-8" in check_data(root, tmp_path / "cache").stdout
