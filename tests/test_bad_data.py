@@ -228,15 +228,17 @@ def test_a_cache_folder_others_could_write_is_refused_in_one_line(tmp_path):
     folder.chmod(0o777)
     result = check_data(root, tmp_path / "cache")
     assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: the cache folder {folder} is writable by others (mode 777); remove it (it is rebuilt, mode 700) "
-        "or set XDG_CACHE_HOME to a folder of your own")
+        f"error: the cache folder {folder} is not yours alone (a symlink, another owner, or writable by others: "
+        f"uid {os.getuid()}, mode drwxrwxrwx); remove it (it is rebuilt, mode 700) or set XDG_CACHE_HOME to a "
+        "folder of your own")
     folder.chmod(0o700)
     if os.getuid() == 0:  # only root can give a folder away
         os.chown(folder, 4242, 4242)
-        assert "is owned by uid 4242, not by you (uid 0)" in check_data(root, tmp_path / "cache").stderr
+        assert "is not yours alone (a symlink, another owner, or writable by others: uid 4242, mode drwx------)" \
+            in check_data(root, tmp_path / "cache").stderr
     folder.rmdir()
     folder.symlink_to(tmp_path)
-    assert "is not a folder (a symlink or a file)" in check_data(root, tmp_path / "cache").stderr
+    assert "mode lrwxrwxrwx)" in check_data(root, tmp_path / "cache").stderr
     folder.unlink()
     ok(check_data(root, tmp_path / "cache"))
     assert (folder.stat().st_mode & 0o777) == 0o700

@@ -24,7 +24,8 @@ import PIL
 from PIL import Image
 
 from vit_dist.host.atomic import write_atomic
-from vit_dist.host.errors import ConfigError
+from vit_dist.host.errors import ConfigError, OutputError
+from vit_dist.host.private import is_private
 
 # PIL's names for what MindSpore's Decode reads (MPO: a camera JPEG with extra pictures appended).
 DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF"}
@@ -194,20 +195,15 @@ def cache_dir() -> Path:
     try:
         base.mkdir(parents=True, exist_ok=True)
         folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.is_dir() and not folder.is_symlink() and is_private(folder):
+            return folder
         info = folder.lstat()
     except OSError as err:
         raise ConfigError(f"cannot create the cache folder {printable(folder)}: {err.strerror}; "
                           "set XDG_CACHE_HOME to a writable folder of your own") from None
-    if not stat.S_ISDIR(info.st_mode):
-        problem_ = "not a folder (a symlink or a file)"
-    elif info.st_uid != os.getuid():
-        problem_ = f"owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
-    elif info.st_mode & 0o022:
-        problem_ = f"writable by others (mode {stat.S_IMODE(info.st_mode):o})"
-    else:
-        return folder
-    raise ConfigError(f"the cache folder {printable(folder)} is {problem_}; remove it (it is rebuilt, mode 700) "
-                      "or set XDG_CACHE_HOME to a folder of your own")
+    raise ConfigError(f"the cache folder {printable(folder)} is not yours alone (a symlink, another owner, or "
+                      f"writable by others: uid {info.st_uid}, mode {stat.filemode(info.st_mode)}); remove it "
+                      "(it is rebuilt, mode 700) or set XDG_CACHE_HOME to a folder of your own")
 
 
 def _cache_file(folder: Path) -> Path:
@@ -232,6 +228,15 @@ def _identity(path: Path) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns, info.st_ino]
 
 
+def _write_cache(path: Path, entries: dict[str, list]) -> None:
+    try:
+        # ensure_ascii: names that are not UTF-8 are written as \udcNN escapes and read back the same.
+        write_atomic(path, json.dumps({"version": CHECK_VERSION, "files": entries}, ensure_ascii=True))
+    except OSError as err:
+        raise OutputError(f"cannot write the image-check cache {printable(path)} ({err.strerror}); free disk "
+                          "space or set XDG_CACHE_HOME to another folder of your own") from None
+
+
 def find_problems(folder: Path, names: list[str], workers: int | None = None) -> dict[int, str]:
     """{index in names: reason} for every file folder/name the decoder would fail on. Files unchanged
     since a previous check (same size, mtime_ns and inode, same checker) are answered from the cache;
@@ -251,8 +256,7 @@ def find_problems(folder: Path, names: list[str], workers: int | None = None) ->
     entries = {names[i]: identities[i] + [reason] for i, reason in reasons.items()
                if identities[i] is not None and reason != CRASHED}
     if decoded or len(entries) != len(cached):
-        # ensure_ascii: names that are not UTF-8 are written as \udcNN escapes and read back the same.
-        write_atomic(cache_path, json.dumps({"version": CHECK_VERSION, "files": entries}, ensure_ascii=True))
+        _write_cache(cache_path, entries)
     return {i: reasons[i] for i in range(len(names)) if reasons[i]}
 
 
