@@ -228,7 +228,7 @@ def test_a_cache_folder_others_could_write_is_refused_in_one_line(tmp_path):
     folder.chmod(0o777)
     result = check_data(root, tmp_path / "cache")
     assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: the cache folder {folder} is not yours alone (a symlink, another owner, or writable by others: "
+        f"error: the image-check cache folder {folder} is not yours alone (a symlink, another owner, or writable by others: "
         f"uid {os.getuid()}, mode drwxrwxrwx); remove it (it is rebuilt, mode 700) or set XDG_CACHE_HOME to a "
         "folder of your own")
     folder.chmod(0o700)

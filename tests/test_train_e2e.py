@@ -155,7 +155,8 @@ def test_a_compile_cache_folder_others_can_write_is_refused(tiny_data, tmp_path)
     result = vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}",
                       f"train.compile_cache={shared}")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith(f"error: train.compile_cache folder {shared} is not yours alone")
+    assert result.stderr.startswith(f"error: train.compile_cache folder {shared} is not yours alone (a symlink, "
+                                    f"another owner, or writable by others: uid {os.getuid()}, mode drwxrwxrwx)")
     fresh = tmp_path / "own" / "cache"
     ok(vit_dist("train", str(config), "--set", f"train.output_dir={tmp_path / 'run2'}", f"train.compile_cache={fresh}"))
     assert fresh.stat().st_mode & 0o777 == 0o700

@@ -45,6 +45,11 @@ def announce_worker(run_dir, rank: int) -> None:
     write_atomic(folder / str(os.getpid()), f"{rank}\n")
 
 
+def user_cache_dir(env: Mapping[str, str]) -> Path:
+    """$XDG_CACHE_HOME/vit-dist, else ~/.cache/vit-dist: the per-user cache (the image check's answers)."""
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-dist"
+
+
 def is_scheduler(env: Mapping[str, str]) -> bool:
     """msrun starts the worker script as the cluster's scheduler process too; under mpirun rank 0 does."""
     return env.get("MS_ROLE") == "MS_SCHED"

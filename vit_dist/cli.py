@@ -25,7 +25,7 @@ def _start(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
     job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
     placement = bootstrap.detect_placement(os.environ)
-    run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, reuse_record=True,
+    run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, True, _cache(),
                               training=job == "train")
     if placement.distributed:
         bootstrap.announce_worker(run_dir, placement.rank)
@@ -35,6 +35,10 @@ def _start(cfg: Config, job: str):
                                        data_parallel=cfg.parallel.mode == "data",
                                        compile_cache=_compile_cache(cfg, job, placement.world_size))
     return placement, run_dir.resolve(), scan
+
+
+def _cache() -> Path:
+    return bootstrap.user_cache_dir(os.environ)
 
 
 def _compile_cache(cfg: Config, job: str, world_size: int) -> str | None:
@@ -138,7 +142,7 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.set if args.config else ["parallel.device_target=CPU", *args.set])
     placement = bootstrap.detect_placement(os.environ)
     if args.data:
-        preflight(cfg, placement.world_size, placement.is_main, reuse_record=False)  # before MindSpore starts
+        preflight(cfg, placement.world_size, placement.is_main, False, _cache())  # before MindSpore starts
     elif not args.peak and cfg.model.num_classes is None:
         raise ConfigError("vit-dist bench trains on synthetic batches and needs model.num_classes; "
                           "set it in the config or with --set model.num_classes=N")
@@ -175,7 +179,7 @@ def cmd_preflight(args) -> int:
         run_dir = resolve_run_dir(cfg)
         prepare_run_dir(run_dir)
     else:  # eval is the job with a --ckpt
-        run_dir, _ = preflight(cfg, args.world, is_main=True, reuse_record=False,
+        run_dir, _ = preflight(cfg, args.world, True, False, _cache(),
                                training=not args.bench and args.ckpt is None)
     print(run_dir.resolve())
     print(cfg.parallel.device_target)
@@ -187,7 +191,7 @@ def cmd_check_data(args) -> int:
     from vit_dist.host.datascan import survey
     from vit_dist.host.image_check import printable
 
-    found = survey(Path(args.root))
+    found = survey(Path(args.root), _cache())
     for line in found.notes + found.problems:
         print(line)
     others = len(found.problems) - found.bad
@@ -314,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the job is `vit-dist bench`: the data is checked only with --data")
     add_bench_options(p)
     p.set_defaults(func=cmd_preflight)
-    p = sub.add_parser("check-data", help="list the image files under ROOT/train and ROOT/val that the decoder "
-                                          "would fail on, with reasons; exit status 1 if there are any")
+    p = sub.add_parser("check-data", help="list every data problem under ROOT (image files the decoder would fail "
+                                          "on, with reasons; class folders in one split only; empty or all-bad "
+                                          "splits; names MindSpore cannot take) and what is ignored; exit status 1 "
+                                          "if any problem would stop or change training")
     p.add_argument("root", help="the data.root folder, holding train/ and val/")
     p.set_defaults(func=cmd_check_data)
     p = with_config("plan", "memory and communication per device of data/semi-auto layouts, and an mp")

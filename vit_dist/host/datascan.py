@@ -223,10 +223,11 @@ class DataScan:
                 "bad": {"train": [list(b) for b in self.train.bad], "val": [list(b) for b in self.val.bad]}}
 
 
-def check_images(split: Split) -> Split:
-    """The split with every file the decoder would fail on marked bad, with the reason."""
+def check_images(split: Split, cache: Path) -> Split:
+    """The split with every file the decoder would fail on marked bad, with the reason (answers kept in
+    the user's cache folder `cache`)."""
     candidates = [i for i in range(len(split.files)) if i not in split.hidden]
-    problems = find_problems(split.path, [split.files[i] for i in candidates])
+    problems = find_problems(split.path, [split.files[i] for i in candidates], cache)
     return dataclasses.replace(split, bad=tuple((candidates[j], reason) for j, reason in problems.items()))
 
 
@@ -235,7 +236,7 @@ def _listing_digest(root: Path, train: Split, val: Split) -> str:
     return hashlib.sha256(b"\n".join(listing)).hexdigest()
 
 
-def scan_and_check(cfg: DataConfig, record: dict | None = None) -> DataScan:
+def scan_and_check(cfg: DataConfig, cache: Path, record: dict | None = None) -> DataScan:
     """Lists both splits and refuses, in one line, what stops training (a class mismatch, an empty
     split, a name MindSpore cannot take) before the slow part; then finds the bad images, or takes
     them from a record (DataScan.record) of the same file listing; then refuses a split with no good image."""
@@ -248,7 +249,7 @@ def scan_and_check(cfg: DataConfig, record: dict | None = None) -> DataScan:
         scan = DataScan(dataclasses.replace(train, bad=bad["train"]), dataclasses.replace(val, bad=bad["val"]),
                         classes, digest, fresh=False)
     else:
-        scan = DataScan(check_images(train), check_images(val), classes, digest, fresh=True)
+        scan = DataScan(check_images(train, cache), check_images(val, cache), classes, digest, fresh=True)
     _refuse(split_problems(scan.train) + split_problems(scan.val))
     return scan
 
@@ -263,12 +264,12 @@ class Survey:
     checked: int
 
 
-def survey(root: Path) -> Survey:
+def survey(root: Path, cache: Path) -> Survey:
     """Every problem of data.root at once: nothing here stops at the first."""
     splits, problems = [], []
     for name in ("train", "val"):
         try:
-            splits.append(check_images(scan_split(root, name)))
+            splits.append(check_images(scan_split(root, name), cache))
         except DataError as err:  # a missing split: say so, and check the other
             if not root.is_dir():
                 raise

@@ -24,8 +24,8 @@ import PIL
 from PIL import Image
 
 from vit_dist.host.atomic import write_atomic
-from vit_dist.host.errors import ConfigError, OutputError
-from vit_dist.host.private import is_private
+from vit_dist.host.errors import OutputError
+from vit_dist.host.private import private_folder
 
 # PIL's names for what MindSpore's Decode reads (MPO: a camera JPEG with extra pictures appended).
 DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF"}
@@ -187,28 +187,13 @@ def _collect(running: dict[int, _Worker], fd: int, pending: list[list[int]], pat
             worker.close()
 
 
-def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/vit-dist or ~/.cache/vit-dist, made 0700; refused unless it is a real folder of
-    this user that nobody else can write, since its answers decide which files training reads."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "vit-dist"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        folder.mkdir(mode=0o700, exist_ok=True)
-        if folder.is_dir() and not folder.is_symlink() and is_private(folder):
-            return folder
-        info = folder.lstat()
-    except OSError as err:
-        raise ConfigError(f"cannot create the cache folder {printable(folder)}: {err.strerror}; "
-                          "set XDG_CACHE_HOME to a writable folder of your own") from None
-    raise ConfigError(f"the cache folder {printable(folder)} is not yours alone (a symlink, another owner, or "
-                      f"writable by others: uid {info.st_uid}, mode {stat.filemode(info.st_mode)}); remove it "
-                      "(it is rebuilt, mode 700) or set XDG_CACHE_HOME to a folder of your own")
-
-
-def _cache_file(folder: Path) -> Path:
+def _cache_file(folder: Path, cache: Path) -> Path:
+    """The cache of one split folder, in the user's cache folder `cache` (bootstrap.user_cache_dir): made
+    0700 and refused unless it is theirs alone, since its answers decide which files training reads."""
     key = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:24]
-    return cache_dir() / f"image-check-{key}.json"
+    folder = private_folder(cache, "the image-check cache",
+                            "remove it (it is rebuilt, mode 700) or set XDG_CACHE_HOME to a folder of your own")
+    return folder / f"image-check-{key}.json"
 
 
 def _read_cache(path: Path) -> dict:
@@ -237,11 +222,11 @@ def _write_cache(path: Path, entries: dict[str, list]) -> None:
                           "space or set XDG_CACHE_HOME to another folder of your own") from None
 
 
-def find_problems(folder: Path, names: list[str], workers: int | None = None) -> dict[int, str]:
+def find_problems(folder: Path, names: list[str], cache: Path, workers: int | None = None) -> dict[int, str]:
     """{index in names: reason} for every file folder/name the decoder would fail on. Files unchanged
     since a previous check (same size, mtime_ns and inode, same checker) are answered from the cache;
     the others are decoded in child processes, and the cache is rewritten with the answers."""
-    cache_path = _cache_file(folder)
+    cache_path = _cache_file(folder, cache)
     cached = _read_cache(cache_path)
     identities = [_identity(folder / name) for name in names]
     reasons: dict[int, str | None] = {}

@@ -45,16 +45,16 @@ def refuse_used_run_dir(run_dir: Path) -> None:
                           f"--set train.resume=auto, or start this one in a new train.output_dir")
 
 
-def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool,
+def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool, cache: Path,
               training: bool = False) -> tuple[Path, datascan.DataScan]:
     """Checks the data and the run for a job of world_size ranks. The main process says what the data
     scan found once and records it in the run directory; with reuse_record, that record (for the same
-    file listing) stands in for reading every image header again. A training run that does not resume
+    file listing) stands in for decoding every image again; `cache` is the user's cache folder. A training run that does not resume
     must have a run directory of its own. Returns (run directory, scan)."""
     run_dir = resolve_run_dir(cfg)
     if is_main and training and cfg.train.resume is None:
         refuse_used_run_dir(run_dir)
-    scan = datascan.scan_and_check(cfg.data, read_data_check(run_dir) if reuse_record else None)
+    scan = datascan.scan_and_check(cfg.data, cache, read_data_check(run_dir) if reuse_record else None)
     bad = scan.bad_files()
     if bad and cfg.data.on_bad_image == "error":
         raise DataError(f"{len(bad)} image file(s) the decoder would fail on, the first {bad[0]}; remove them "
