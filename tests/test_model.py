@@ -46,18 +46,25 @@ def test_parameter_count_matches_the_closed_form():
     assert count_parameters(vit_model(cfg, classes)) == expected
 
 
-def test_drop_path_drops_whole_samples_in_training_only():
+@pytest.mark.parametrize("kind", ["stock", "counted"])
+def test_drop_path_drops_whole_samples_in_training_only(kind):
+    """The stock DropPath (Ascend, GPU) and the CPU backend's, whose draws are counted (and so resume)."""
     import mindspore as ms
 
+    from vit_dist.backends.cpu.random import CountedDropPath
     from vit_dist.models.vit import DropPath
 
-    drop = DropPath(0.5)
+    drop = DropPath(0.5) if kind == "stock" else CountedDropPath(0.5, seed=3)
     x = ms.Tensor(np.ones((64, 3, 4), np.float32))
     drop.set_train(True)
     out = drop(x).asnumpy()
     per_sample = out.reshape(64, -1)
     assert set(np.unique(per_sample)) <= {0.0, 2.0}  # survivors scaled by 1/keep
     assert (per_sample == per_sample[:, :1]).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
+    assert not np.array_equal(drop(x).asnumpy(), out)  # the next draw differs
+    if kind == "counted":  # draw 0 again from the restored count: the same mask
+        drop.draws.set_data(ms.Tensor(0, ms.int64))
+        np.testing.assert_array_equal(drop(x).asnumpy(), out)
     drop.set_train(False)
     assert (drop(x).asnumpy() == 1.0).all()
 

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import PYTHON, ROOT, last_checkpoint, load_params, msrun, ok, tiny_config, tool_env, vit_dist
 
-# Shuffled (so the resumed data order matters) and augmented (so the resumed random crops and flips
-# matter), 60 steps, 5 evaluations.
-RESUMABLE = {"data": {"augment": True, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5,
+# Shuffled (so the resumed data order matters), augmented and with stochastic depth (so the resumed
+# random crops, flips and drop-path masks matter), 60 steps, 5 evaluations.
+RESUMABLE = {"model": {"drop_path_rate": 0.2}, "data": {"augment": True, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5,
                                                                      "eval_every_epochs": 2},
              "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
 

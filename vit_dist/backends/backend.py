@@ -1,10 +1,10 @@
 """What a run takes from its device backend: the layers the model's seam gets, the step signal, and
-what the host thread does once the first step has run. Choices made only for CPU speed (the fused
-kernels, the sleeping host thread, idle priority) apply on the CPU backend only; on Ascend and GPU
-the model runs MindSpore's stock layers."""
+what the host thread does once the first step has run. Choices made only for the CPU backend (the
+fused kernels, the sleeping host thread, idle priority, stochastic depth drawn from a saved counter)
+apply there only; on Ascend and GPU the model runs MindSpore's stock layers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from vit_dist.host.config import Config
@@ -30,20 +30,24 @@ class Backend:
 def backend_for(cfg: Config, placement: Placement, say: Callable[[str], None], portable: bool = False) -> Backend:
     """The backend of this run. portable: stock layers only (an exported graph must not carry this
     machine's custom-op library)."""
-    stock = Backend(cfg.parallel.device_target, ViTLayers(), fused=False)
-    if portable or not (cfg.parallel.device_target == "CPU" and cfg.parallel.fused_cpu_kernels):
-        return stock
+    if portable or cfg.parallel.device_target != "CPU":
+        return Backend(cfg.parallel.device_target, ViTLayers(), fused=False)
     from vit_dist.backends.cpu import kernels
     from vit_dist.backends.cpu.host import cpu_threads
+    from vit_dist.backends.cpu.random import counted_drop_path
 
-    library = kernels.build_library()
+    # Masks a resumed run draws again (MindSpore's Dropout kernel restarts its random state).
+    stock = ViTLayers(drop_path=counted_drop_path(cfg.train.seed, placement.rank))
+    library = kernels.build_library() if cfg.parallel.fused_cpu_kernels else None
     if library is None:
-        say("note: no C++ compiler built vit_dist/backends/cpu/kernels.cc (g++ with C++17): LayerNorm, GELU and "
-            "attention run on MindSpore's slower CPU kernels; install g++, or set parallel.fused_cpu_kernels=false "
-            "to silence this")
-        return stock
+        if cfg.parallel.fused_cpu_kernels:
+            say("note: no C++ compiler built vit_dist/backends/cpu/kernels.cc (g++ with C++17): LayerNorm, GELU "
+                "and attention run on MindSpore's slower CPU kernels; install g++, or set "
+                "parallel.fused_cpu_kernels=false to silence this")
+        return Backend("CPU", stock, fused=False)
     signal = kernels.StepSignal(library)
     if cfg.precision.amp_level != "O0":  # the kernels are float32
-        return Backend("CPU", ViTLayers(), fused=False, signal=signal)
+        return Backend("CPU", stock, fused=False, signal=signal)
     threads = cpu_threads(cfg.parallel.threads_per_rank, placement.local_world_size)
-    return Backend("CPU", kernels.fused_layers(kernels.custom_ops(library, threads)), fused=True, signal=signal)
+    fused = kernels.fused_layers(kernels.custom_ops(library, threads))
+    return Backend("CPU", replace(fused, drop_path=stock.drop_path), fused=True, signal=signal)

@@ -149,6 +149,7 @@ class ViTLayers:
     norm: Callable[[ViTSpec], nn.Cell] = layer_norm  # over the last axis: norm1, norm2 and the final norm
     attention: Callable[[ViTSpec], nn.Cell] = Attention
     mlp: Callable[[ViTSpec], nn.Cell] = Mlp
+    drop_path: Callable[[float], nn.Cell] = DropPath  # from the block's drop probability
 
 
 class Block(nn.Cell):
@@ -160,7 +161,7 @@ class Block(nn.Cell):
         self.attn = layers.attention(spec)
         self.norm2 = layers.norm(spec)
         self.mlp = layers.mlp(spec)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = layers.drop_path(drop_path)
 
     def construct(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -76,12 +76,13 @@ def _read(path: Path) -> dict:
 
 
 def load_weights(net, path: str | Path) -> None:
-    """Loads model parameters (optimizer entries are ignored); every model parameter must be there
-    with its shape, else CheckpointError names the mismatch."""
+    """Loads model parameters (optimizer entries are ignored); every trainable one must be there with
+    its shape, else CheckpointError names the mismatch. The others (a backend's random-draw counters)
+    are loaded where the file has them."""
     saved = _read(Path(path))
-    params = {p.name: p for p in net.get_parameters()}
-    _check_fits(path, params, saved, "check model.* and model.num_classes")
-    ms.load_param_into_net(net, {name: saved[name] for name in params})
+    weights = {p.name: p for p in net.trainable_params()}
+    _check_fits(path, weights, saved, "check model.* and model.num_classes")
+    ms.load_param_into_net(net, {p.name: saved[p.name] for p in net.get_parameters() if p.name in saved})
 
 
 def load_pretrained(net, path: str | Path, say) -> None:
