@@ -40,8 +40,9 @@ def test_strategies_attach_to_the_primitives(dp, mp, head):
             assert dense.matmul.in_strategy == ((dp, mp), (1, mp)) and dense.bias_add.in_strategy == ((dp, 1), (1,))
         assert attn.scores.in_strategy == attn.context.in_strategy == (heads, heads)
         assert attn.softmax.softmax.in_strategy == (heads,)
-        assert isinstance(mlp.act, GELU) and mlp.act.erf.in_strategy == ((dp, mp),)
-        assert mlp.act.mul.in_strategy == ((dp, mp), (dp, mp))
+        # GELU takes fc1's (batch, tokens, hidden) output: 3-D strategies, hidden over mp.
+        assert isinstance(mlp.act, GELU) and mlp.act.erf.in_strategy == ((dp, 1, mp),)
+        assert mlp.act.mul.in_strategy == ((dp, 1, mp), (dp, 1, mp))
         assert block.norm1.layer_norm.in_strategy == block.norm2.layer_norm.in_strategy == ((dp, 1, 1), (1,), (1,))
         # The contracted axis is split alike on both sides of every matmul (transpose_b: the weight's last axis).
         for dense in (attn.query, attn.out, mlp.fc1, mlp.fc2):
@@ -50,6 +51,124 @@ def test_strategies_attach_to_the_primitives(dp, mp, head):
     assert net.patch_embed.proj.matmul.in_strategy == ((dp, 1), (1, 1))
     assert net.norm.layer_norm.in_strategy == ((dp, 1, 1), (1,), (1,))
     assert net.head.matmul.in_strategy == (((dp, 1), (mp, 1)) if head == "model" else ((dp, 1), (1, 1)))
+
+
+class _Recorder:
+    """Stands in for a primitive on its Cell: records the shapes of the inputs it is called with (and
+    that they are tensors), then calls the primitive."""
+
+    def __init__(self, primitive, calls):
+        self.primitive, self.calls = primitive, calls
+
+    def __call__(self, *args):
+        self.calls.append(tuple(tuple(a.shape) for a in args))
+        return self.primitive(*args)
+
+
+def _strategies_and_input_shapes(net, x):
+    """{cell path.attribute: (strategy, [input shapes of each call])} for every primitive that carries a
+    shard strategy, from a real PyNative forward pass of `net` on `x`."""
+    found = {}
+    for path, cell in net.cells_and_names():
+        for attr, primitive in list(cell._primitives.items()):
+            if getattr(primitive, "in_strategy", None) is not None:
+                calls = []
+                found[f"{path}.{attr}"] = (primitive.in_strategy, calls)
+                object.__setattr__(cell, attr, _Recorder(primitive, calls))
+    try:
+        net(x)
+    finally:
+        for path, cell in net.cells_and_names():
+            for attr, primitive in cell._primitives.items():
+                object.__setattr__(cell, attr, primitive)
+    return found
+
+
+LAYOUTS = [(8, 1, "data"), (4, 2, "model"), (2, 4, "data"), (1, 8, "model")]
+
+
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+@pytest.mark.parametrize("dp, mp, head", LAYOUTS)
+def test_every_strategy_fits_the_shapes_its_primitive_receives(dp, mp, head, gelu):
+    """MindSpore refuses a strategy with one entry per input unlike its primitive's, an entry whose
+    length is not its input's rank, or a split that does not divide its axis (at the first compile,
+    on Ascend/GPU only). Checked here against the inputs a real forward pass feeds each primitive, at
+    a global batch of 2 samples per replica; 8 heads so that every mp here divides them."""
+    import mindspore as ms
+
+    from vit_dist.parallel.semi_auto import apply_strategies
+
+    _, net = tiny_net("model.num_heads=8", *(["model.gelu_approximate=true"] if gelu == "tanh" else []))
+    net.set_train(False)
+    apply_strategies(net, dp, mp, head)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2 * dp, 3, 16, 16)).astype(np.float32))
+    found = _strategies_and_input_shapes(net, x)
+    depth, linears = 2, 6  # per block: q, k, v, out, fc1, fc2
+    per_block = linears * 2 + 2 + 1 + 2 + (5 if gelu == "exact" else 0)  # linears, norms, softmax, bmms, GELU
+    assert len(found) == depth * per_block + 1 + 2 + 2  # final norm, patch embedding, head
+    for name, (strategy, calls) in found.items():
+        assert calls, f"{name} carries a strategy but never ran"
+        for shapes in calls:
+            assert len(strategy) == len(shapes), (name, strategy, shapes)
+            for split, shape in zip(strategy, shapes):
+                assert len(split) == len(shape), (name, strategy, shapes)
+                assert all(n % k == 0 for n, k in zip(shape, split)), (name, strategy, shapes)
+    if gelu == "exact":
+        assert found["blocks.0.mlp.act.erf"][1][0] == ((2 * dp, 17, 64),)  # 16 patches + the class token
+
+
+def test_each_rank_reads_the_batch_block_mindspore_assigns_it():
+    """MindSpore's own host-side placement of a rank's batch under a dataset strategy
+    (parallel._utils._to_full_tensor, which places rank r's data at block r % strategy along each axis)
+    must put rank r's samples where the harness's replica says: the mp ranks of one replica must hold
+    the same samples, or each computes with different data."""
+    import mindspore as ms
+    from mindspore.parallel._utils import _to_full_tensor
+
+    from vit_dist.parallel.semi_auto import dataset_strategy
+
+    for dp, mp in [(4, 2), (2, 4), (2, 2), (8, 1), (1, 8)]:
+        dims = ParallelDims.split(dp * mp, mp, 3, 1, True)
+        ms.set_auto_parallel_context(dataset_strategy=dataset_strategy(dp))
+        try:
+            for rank in range(dp * mp):
+                images = np.full((3, 3, 4, 4), rank + 1, np.float32)
+                labels = np.full((3,), rank + 1, np.int32)
+                full_images, full_labels = _to_full_tensor((images, labels), dp * mp, rank)
+                assert full_images.shape == (3 * dp, 3, 4, 4)
+                blocks = [b for b in range(dp) if (full_labels.asnumpy()[3 * b:3 * b + 3] == rank + 1).all()]
+                assert blocks == [dims.replica(rank)], (dp, mp, rank, blocks)
+                assert (full_images.asnumpy()[3 * blocks[0]:3 * blocks[0] + 3] == rank + 1).all()
+        finally:
+            ms.reset_auto_parallel_context()
+        readers = [[r for r in range(dp * mp) if dims.replica(r) == b] for b in range(dp)]
+        assert all(len(ranks) == mp for ranks in readers)
+
+
+def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
+    """Two msrun ranks (CPU, graph mode, real collectives) run tests/two_rank_reductions.py: the
+    clipping norm from gradients sliced as mp = 2 slices them equals numpy's norm of the whole
+    gradients, and an inf in rank 1's batch only, with no gradient reduction (semi_auto's: each rank
+    keeps its own), makes both ranks skip the step with equal parameters and loss scales."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run([PYTHON, "-m", "mindspore.parallel.cluster.run", "--worker_num", "2", "--local_worker_num", "2",
+                  "--master_addr", "127.0.0.1", "--master_port", str(port), "--log_dir", str(tmp_path / "logs"),
+                  "--join", "True", str(ROOT / "tests" / "two_rank_reductions.py"), str(tmp_path)],
+                 timeout=400, cwd=tmp_path, env=tool_env(PYTHONPATH=str(ROOT)))
+    logs = "".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("worker_*.log")))
+    assert result.returncode == 0, logs
+    ranks = [dict(np.load(tmp_path / f"rank_{r}.npz")) for r in (0, 1)]
+    for r in ranks:
+        assert r["sliced"] > 0 and r["local_norm"] < 0.95 * r["full_norm"]  # the slices alone fall short
+        assert r["norm"] == pytest.approx(r["full_norm"], rel=1e-5)
+        assert r["clip_error"] < 1e-6
+        assert not r["overflow_finite"] and not r["overflow_changed"] and r["overflow_scale"] == 2.0 ** 9
+        assert r["next_finite"] and r["next_changed"]
+    assert np.array_equal(ranks[0]["overflow_params"], ranks[1]["overflow_params"])
 
 
 def test_strategies_keep_the_model_and_its_numbers():

@@ -31,8 +31,11 @@ class Placement:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The degrees of a job of `world` ranks. MindSpore's device matrix (dp, mp) runs the last axis
-    fastest, so rank = dp_index * mp + mp_index, and the mp ranks of one replica read the same samples."""
+    """The degrees of a job of `world` ranks: dp data-parallel replicas of mp ranks each. Under
+    semi_auto the input batch is laid out by the dataset strategy (dp, 1, 1, 1): its device matrix
+    puts the mp-fold repeat on the left, so rank r holds batch block r % dp, and the ranks of one
+    replica are r, r + dp, r + 2 dp, ... (MindSpore's parallel._utils._to_full_tensor places a rank's
+    batch so; tests/test_semi_auto.py reads it from there)."""
     world: int
     dp: int
     mp: int
@@ -65,5 +68,6 @@ class ParallelDims:
         return self.rank_batch * self.dp
 
     def replica(self, rank: int) -> int:
-        """The data shard rank `rank` reads."""
-        return rank // self.mp
+        """The data shard rank `rank` reads: the batch block MindSpore's dataset strategy assigns it
+        (rank % dp; every rank in data mode, where dp is the world)."""
+        return rank % self.dp

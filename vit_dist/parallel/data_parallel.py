@@ -25,6 +25,32 @@ def gradient_reducer(placement: Placement) -> Callable:
     return mean_over_ranks
 
 
+def world_size() -> int:
+    """The ranks of the job as MindSpore's collective backend counts them; 1 when it was never
+    initialised (one device)."""
+    from mindspore.communication import GlobalComm, get_group_size
+
+    return get_group_size() if GlobalComm.INITED else 1
+
+
+def finite_on_every_rank(world: int) -> Callable:
+    """finite -> whether it is True on every rank of `world` (identity on one device): a float sum of
+    the ranks' overflow flags over all ranks, as MindSpore's loss-scale cells reduce theirs
+    (nn/wrap/loss_scale.py), so every rank takes the same skip decision. Call inside the jitted step."""
+    if world == 1:
+        return lambda finite: finite
+    import mindspore as ms
+    from mindspore import ops
+
+    all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+
+    def every_rank(finite):
+        overflows = all_reduce(ops.logical_not(finite).astype(ms.float32))
+        return overflows < 0.5
+
+    return every_rank
+
+
 def all_reduce_sum(values, placement: Placement) -> np.ndarray:
     """Element-wise sum of a small vector over all ranks; every rank gets the result. float32 (the
     widest float the CPU collectives take) keeps integer counts exact below 2**24."""

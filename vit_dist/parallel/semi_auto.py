@@ -10,14 +10,25 @@ The model's Linear holds its weight as (out, in) and multiplies with transpose_b
 so strategies name the weight's axes in that order: column-parallel splits `out` ((dp,1),(mp,1)),
 row-parallel splits `in` ((dp,mp),(1,mp)) and MindSpore all-reduces the partial sums over mp.
 
+A strategy has one entry per input and one number per input axis, as the primitive receives it:
+Linear's matmul and bias add see 2-D (batch x tokens, features); LayerNorm and GELU see the 3-D
+(batch, tokens, features) activation; attention's BatchMatMuls and softmax see (batch, heads, tokens, .).
+tests/test_semi_auto.py checks every strategy against the shapes a real forward pass feeds it.
+
+The optimizer side of the step (clipping, the overflow check, AdamW) is outside MindSpore's parallel
+pass: it runs on each rank's local slices. apply_strategies therefore marks each Parameter with the
+number of slices mp cuts it into, and sliced_global_norm adds the slices' squares up across ranks.
+
 MindSpore 2.10 runs this only on Ascend/GPU; config.validate refuses semi_auto elsewhere.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from mindspore import nn
+import mindspore as ms
+from mindspore import Parameter, nn, ops
 
 from vit_dist.host.config import ParallelConfig
 from vit_dist.host.errors import ConfigError
@@ -54,12 +65,13 @@ def mlp_strategies(dp: int, mp: int) -> dict[str, dict[str, tuple]]:
     """Child path inside the stock Mlp -> {primitive attribute: strategy}. The tanh GELU
     (model.gelu_approximate) is nn.GELU, with no primitive of its own to carry one: MindSpore gives it
     the default data-parallel strategy."""
-    return {"fc1": dense_strategies("column", dp, mp), "act": gelu_strategies((dp, mp)),
+    return {"fc1": dense_strategies("column", dp, mp), "act": gelu_strategies((dp, 1, mp)),
             "fc2": dense_strategies("row", dp, mp)}
 
 
 def gelu_strategies(hidden: tuple) -> dict[str, tuple]:
-    """The exact GELU's primitives: the activation's layout throughout, the scalars replicated."""
+    """The exact GELU's primitives: the activation's layout throughout (fc1's (batch, tokens, hidden)
+    output, hidden split over mp), the 0-d scalars replicated."""
     return {"scale_in": (hidden, ()), "erf": (hidden,), "add_one": (hidden, ()), "mul": (hidden, hidden),
             "half": (hidden, ())}
 
@@ -89,13 +101,77 @@ def _shard(layer, dp: int, mp: int) -> None:
         cell = cells[path]
         if isinstance(cell, nn.GELU):  # the tanh GELU: see mlp_strategies
             continue
+        if isinstance(cell, Linear):
+            _shard_linear(cell, prims)
+            continue
         for attr, strategy in prims.items():
             getattr(cell, attr).shard(strategy)
+        if isinstance(cell, nn.LayerNorm):  # (x, gamma, beta)
+            _mark_split(cell.gamma, prims["layer_norm"][1])
+            _mark_split(cell.beta, prims["layer_norm"][2])
 
 
 def _shard_linear(linear: Linear, strategies: dict[str, tuple]) -> None:
     for attr, strategy in strategies.items():
         getattr(linear, attr).shard(strategy)
+    _mark_split(linear.weight, strategies["matmul"][1])  # (x, W) with W as (out, in)
+    _mark_split(linear.bias, strategies["bias_add"][1])  # (rows, bias)
+
+
+# The Parameter attribute apply_strategies sets: how many slices the strategies cut the Parameter into.
+MP_SLICES = "vit_dist_mp_slices"
+
+
+def _mark_split(param: Parameter, strategy: tuple) -> None:
+    setattr(param, MP_SLICES, math.prod(strategy))
+
+
+def slices_of(param: Parameter) -> int:
+    """How many slices the shard strategies cut `param` into (1: whole on every rank)."""
+    return getattr(param, MP_SLICES, 1)
+
+
+def sliced_global_norm(slices: tuple[int, ...], world: int) -> Callable:
+    """grads -> the global L2 norm of the whole gradients, from the local slices each rank holds.
+    slices[i] is how many slices gradient i is cut into (slices_of its Parameter), over `world`
+    ranks: each slice is held by world / slices[i] ranks, so one all-reduce over all ranks of
+    sum_i |local slice i|^2 * slices[i] / world counts every slice once and a replicated gradient
+    once. Every rank gets the same norm. With nothing sliced every rank holds the whole gradients
+    and the norm is local. Call inside the jitted step (or any graph)."""
+    def square_sum(g):
+        return ops.reduce_sum(ops.square(g.astype(ms.float32)))
+
+    if world == 1 or all(n == 1 for n in slices):
+        def local_norm(grads):
+            total = square_sum(grads[0])
+            for g in grads[1:]:
+                total = total + square_sum(g)
+            return ops.sqrt(total)
+
+        return local_norm
+
+    if any(world % n for n in slices):
+        raise ValueError(f"gradient slice counts {sorted(set(slices))} do not divide the world size {world}")
+    weights = tuple(n / world for n in slices)
+    all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+
+    def global_norm(grads):
+        if len(grads) != len(weights):
+            raise ValueError(f"{len(grads)} gradients for {len(weights)} slice counts")
+        total = square_sum(grads[0]) * weights[0]
+        for g, weight in zip(grads[1:], weights[1:]):
+            total = total + square_sum(g) * weight
+        return ops.sqrt(all_reduce(total))
+
+    return global_norm
+
+
+def clip_by_norm(grads, clip_norm: float, norm):
+    """grads scaled by clip_norm / max(norm, clip_norm): ops.clip_by_global_norm's arithmetic with a
+    norm given (its own ExpandDims carries the grad_scale mark MindSpore's parallel pass looks for;
+    this one has none, so nothing is added to the norm twice)."""
+    scale = clip_norm / ops.maximum(norm, clip_norm)
+    return tuple((g * scale).astype(g.dtype) for g in grads)
 
 
 def reduced_by_mindspore(grads):
@@ -104,15 +180,25 @@ def reduced_by_mindspore(grads):
     return grads
 
 
+def dataset_strategy(dp: int) -> tuple:
+    """The (images, labels) input layout: the batch over dp. MindSpore puts the remaining mp-fold
+    repeat on the left of the device matrix, so rank r holds block r % dp (ParallelDims.replica)."""
+    return ((dp, 1, 1, 1), (dp,))
+
+
 def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Optional[Path]):
     """Wraps the jitted train step in AutoParallel (MindSpore 2.10's documented entry for functional
-    training: the outermost function must be wrapped). The input batch is split over dp, the ranks of
-    one replica read the same samples; gradients are averaged over dp; the layout is saved for the
+    training: the outermost function must be wrapped). The input batch is split over dp (rank r holds
+    block r % dp), the ranks of one replica read the same samples; gradients are averaged over dp; the layout is saved for the
     checkpoint merge (when given a path); optimizer_shard turns on optimizer parallel (hsdp)."""
     from mindspore.parallel.auto_parallel import AutoParallel
 
+    if cfg.optimizer_shard and getattr(train_step, "clip_norm", 0.0) > 0:
+        raise ConfigError("parallel.optimizer_shard=true with train.grad_clip_norm > 0 is not supported: the "
+                          "optimizer shard slices the gradients over dp at compile time, and the clipping norm "
+                          "would count them wrongly; set train.grad_clip_norm=0 or parallel.optimizer_shard=false")
     parallel = AutoParallel(train_step, parallel_mode="semi_auto")
-    parallel.dataset_strategy(((dp, 1, 1, 1), (dp,)))
+    parallel.dataset_strategy(dataset_strategy(dp))
     parallel.enable_gradients_mean()
     if strategy_path is not None:  # bench has no run to merge
         strategy_path.parent.mkdir(parents=True, exist_ok=True)

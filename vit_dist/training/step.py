@@ -4,6 +4,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import ParameterTuple, amp, nn, ops
 
+from vit_dist.parallel.data_parallel import finite_on_every_rank, world_size
+from vit_dist.parallel.semi_auto import clip_by_norm, sliced_global_norm, slices_of
 from vit_dist.training.precision import scaler_state
 
 
@@ -13,9 +15,10 @@ class TrainStep(nn.Cell):
     Cell; Parameters reached only through a jitted function's closure ran on unbound memory when a
     second launch loaded the graph (NaN losses from the first step, updates lost)."""
 
-    def __init__(self, step, net, optimizer, scaler):
+    def __init__(self, step, net, optimizer, scaler, clip_norm: float = 0.0):
         super().__init__(auto_prefix=False)  # the Parameters keep their names (checkpoints use them)
         self.step = step
+        self.clip_norm = clip_norm  # semi_auto.parallelize refuses clipping with the optimizer shard
         self.net = net
         self.optimizer = optimizer
         self.scaler_state = ParameterTuple(scaler_state(scaler).values())
@@ -30,18 +33,26 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
     """TrainStep(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
     optimizer lays them out) -> mean over ranks -> (unscale, overflow check) -> clip by global norm
     -> AdamW at the given learning rate.
-    With a loss scaler, a step whose gradients are not finite leaves parameters and optimizer state
-    untouched; every rank sees the same reduced gradients, so every rank decides alike. With
+    The clipping norm is the norm of the whole gradients on every rank: under semi_auto each rank holds
+    slices of the mp-split gradients (semi_auto.sliced_global_norm adds them up across ranks).
+    With a loss scaler, a step whose gradients are not finite on any rank leaves parameters, optimizer
+    state and the loss scale's decision alike on every rank: the finite flag is reduced over all ranks
+    (as MindSpore's loss-scale cells do), since a rank may see only its slices or, on Ascend 910A, its
+    own device's overflow status. With
     accumulation k the batch holds k micro-batches whose gradients are averaged before the update.
     With a backends.cpu.kernels.StepSignal the step ends with its mark and each call returns once the step has run."""
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    world = world_size()
+    slices = tuple(slices_of(p) for p in optimizer.parameters)  # all 1 unless semi_auto strategies were set
+    grad_norm = sliced_global_norm(slices, world) if clip_norm > 0 else None
+    all_ranks_finite = finite_on_every_rank(world)
 
     def loss_of(images, labels):
         return loss_fn(net(images).astype(ms.float32), labels)
 
     def update(grads, lr):
         if clip_norm > 0:
-            grads = ops.clip_by_global_norm(grads, clip_norm)
+            grads = clip_by_norm(grads, clip_norm, grad_norm(grads))
         return optimizer.update(grads, lr)
 
     if scaler is None:
@@ -53,7 +64,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
             loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
             return loss, ops.ones((), ms.bool_)
 
-        return _compiled(train_step, net, optimizer, scaler, signal)
+        return _compiled(train_step, net, optimizer, scaler, signal, clip_norm)
 
     def scaled_loss(images, labels):
         loss = loss_of(images, labels)
@@ -70,27 +81,27 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
     def scaled_train_step(images, labels, lr):
         loss, grads = loss_and_grads(images, labels)
         grads = scaler.unscale(reduce_gradients(optimizer.pack(grads)))
-        finite = amp.all_finite(grads)
+        finite = all_ranks_finite(amp.all_finite(grads))
         if finite:
             update(grads, lr)
         scaler.adjust(finite)
         loss = ops.depend(loss, ops.assign(scaler.scale_value, ops.maximum(scaler.scale_value, min_loss_scale)))
         return loss, finite
 
-    return _compiled(scaled_train_step, net, optimizer, scaler, signal)
+    return _compiled(scaled_train_step, net, optimizer, scaler, signal, clip_norm)
 
 
-def _compiled(step, net, optimizer, scaler, signal):
+def _compiled(step, net, optimizer, scaler, signal, clip_norm):
     """The step as a TrainStep; with a signal, marked at its end (its loss comes after the update and
     the loss-scale write) and paced."""
     if signal is None:
-        return TrainStep(step, net, optimizer, scaler)
+        return TrainStep(step, net, optimizer, scaler, clip_norm)
 
     def marked_step(images, labels, lr):
         loss, finite = step(images, labels, lr)
         return signal.mark(loss), finite
 
-    return signal.paced(TrainStep(marked_step, net, optimizer, scaler))
+    return signal.paced(TrainStep(marked_step, net, optimizer, scaler, clip_norm))
 
 
 def accumulated(grad_fn, accumulation: int, replicas: int):
