@@ -200,6 +200,7 @@ SEMI = ["parallel.mode=semi_auto", "parallel.device_target=Ascend"]
      r"parallel\.head=model splits model\.num_classes 1001"),
     (["parallel.model_parallel=2"], r"need parallel\.mode=semi_auto"),
     (["parallel.optimizer_shard=true"], r"need parallel\.mode=semi_auto"),
+    (SEMI + ["parallel.optimizer_shard=true"], r"set train\.grad_clip_norm=0 with it"),
     (["parallel.grad_accumulation=0"], r"parallel\.model_parallel and parallel\.grad_accumulation must be at least 1"),
     (["parallel.mode=tensor"], r"parallel\.mode 'tensor' is not supported; use one of data, semi_auto"),
 ])
@@ -283,7 +284,7 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
     # ViT-G-style widths (Zhai et al. 2022) at 224 px on 64 devices, 24 GiB each, O2, optimizer shard.
     overrides = SEMI + ["model.embed_dim=1664", "model.depth=48", "model.num_heads=16", "model.mlp_dim=8192",
                         "model.patch_size=14", "train.batch_size=32", "parallel.optimizer_shard=true",
-                        "precision.amp_level=O2", "parallel.model_parallel=8"]
+                        "train.grad_clip_norm=0", "precision.amp_level=O2", "parallel.model_parallel=8"]
     cfg = load_config(ROOT / "configs" / "vit_b16_imagenet.yaml", overrides)
     result = planner.plan(cfg, 64, None, 24.0)
     by_mp = {e["mp"]: e for e in result["by_mp"]}

@@ -343,6 +343,10 @@ def _validate_parallel(cfg: Config) -> None:
             raise ConfigError("parallel.model_parallel, parallel.optimizer_shard and parallel.head=model need "
                               "parallel.mode=semi_auto; in data mode leave them at 1, false and data")
         return
+    if p.optimizer_shard and cfg.train.grad_clip_norm > 0:
+        raise ConfigError("parallel.optimizer_shard slices gradients in ways known only when MindSpore compiles, so "
+                          "their global norm cannot be formed for clipping; set train.grad_clip_norm=0 with it, or "
+                          "parallel.optimizer_shard=false")
     if cfg.train.resume is not None:
         raise ConfigError("train.resume is not built for parallel.mode=semi_auto (its slices load only into a "
                           "compiled parallel graph); start without train.resume")

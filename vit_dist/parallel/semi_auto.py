@@ -193,10 +193,6 @@ def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Optiona
     checkpoint merge (when given a path); optimizer_shard turns on optimizer parallel (hsdp)."""
     from mindspore.parallel.auto_parallel import AutoParallel
 
-    if cfg.optimizer_shard and getattr(train_step, "clip_norm", 0.0) > 0:
-        raise ConfigError("parallel.optimizer_shard=true with train.grad_clip_norm > 0 is not supported: the "
-                          "optimizer shard slices the gradients over dp at compile time, and the clipping norm "
-                          "would count them wrongly; set train.grad_clip_norm=0 or parallel.optimizer_shard=false")
     parallel = AutoParallel(train_step, parallel_mode="semi_auto")
     parallel.dataset_strategy(dataset_strategy(dp))
     parallel.enable_gradients_mean()

@@ -15,10 +15,9 @@ class TrainStep(nn.Cell):
     Cell; Parameters reached only through a jitted function's closure ran on unbound memory when a
     second launch loaded the graph (NaN losses from the first step, updates lost)."""
 
-    def __init__(self, step, net, optimizer, scaler, clip_norm: float = 0.0):
+    def __init__(self, step, net, optimizer, scaler):
         super().__init__(auto_prefix=False)  # the Parameters keep their names (checkpoints use them)
         self.step = step
-        self.clip_norm = clip_norm  # semi_auto.parallelize refuses clipping with the optimizer shard
         self.net = net
         self.optimizer = optimizer
         self.scaler_state = ParameterTuple(scaler_state(scaler).values())
@@ -64,7 +63,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
             loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
             return loss, ops.ones((), ms.bool_)
 
-        return _compiled(train_step, net, optimizer, scaler, signal, clip_norm)
+        return _compiled(train_step, net, optimizer, scaler, signal)
 
     def scaled_loss(images, labels):
         loss = loss_of(images, labels)
@@ -88,20 +87,20 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         loss = ops.depend(loss, ops.assign(scaler.scale_value, ops.maximum(scaler.scale_value, min_loss_scale)))
         return loss, finite
 
-    return _compiled(scaled_train_step, net, optimizer, scaler, signal, clip_norm)
+    return _compiled(scaled_train_step, net, optimizer, scaler, signal)
 
 
-def _compiled(step, net, optimizer, scaler, signal, clip_norm):
+def _compiled(step, net, optimizer, scaler, signal):
     """The step as a TrainStep; with a signal, marked at its end (its loss comes after the update and
     the loss-scale write) and paced."""
     if signal is None:
-        return TrainStep(step, net, optimizer, scaler, clip_norm)
+        return TrainStep(step, net, optimizer, scaler)
 
     def marked_step(images, labels, lr):
         loss, finite = step(images, labels, lr)
         return signal.mark(loss), finite
 
-    return signal.paced(TrainStep(marked_step, net, optimizer, scaler, clip_norm))
+    return signal.paced(TrainStep(marked_step, net, optimizer, scaler))
 
 
 def accumulated(grad_fn, accumulation: int, replicas: int):
