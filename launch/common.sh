@@ -184,7 +184,11 @@ print_summary() {
     if [[ -n ${OPTIONS[--failure-timeout]:-} ]]; then
         print_failure_timeout
     fi
-    summary_line restarts "at most $max_restarts, each from the newest verified checkpoint"
+    if ((max_restarts > 0)); then
+        summary_line restarts "at most $max_restarts, each from the newest verified checkpoint"
+    else
+        summary_line restarts "none: a failed job ends"
+    fi
     if ((hang_timeout > 0)); then
         summary_line "hang timeout" "$hang_timeout s: a rank without progress this long (after its first step) ends the job"
     else
