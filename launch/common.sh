@@ -20,6 +20,17 @@ declare -A SWITCHES=()
 declare -A NUMBERS=()
 # Variables of the arguments a launcher takes between its options and the job (rank_table.sh: the table).
 LEADING=()
+# Auto-restarts after a failed attempt (torchrun's --max-restarts), the hang watchdog's seconds (0: off),
+# and the seconds the ranks have to stop and save after a signal before they are killed.
+max_restarts=0
+hang_timeout=600
+grace_period=300
+HANG_STATUS=124  # a job stopped by the hang watchdog, as timeout(1) ends
+# The attempt's id in the environment of each of its processes and in its workers' pid files and
+# heartbeats (vit_dist.bootstrap.LAUNCH_JOB): what this launcher signals, watches and kills.
+JOB_VAR=VIT_DIST_JOB
+job_id=""
+attempt=0
 # What the refusal of -n/--np/--nproc, which meant ranks per node to one launcher and all ranks to
 # another, tells this launcher's user to write instead.
 rank_count_hint=""
@@ -45,9 +56,14 @@ add_scheduler_options() {
     fi
 }
 
+OPTIONS+=([--max-restarts]=max_restarts [--hang-timeout]=hang_timeout [--grace-period]=grace_period)
+NUMBERS+=([--max-restarts]=0 [--hang-timeout]=0 [--grace-period]=1)
+
 # OPTIONS, LEADING, then the job: [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
-#   -> the options' variables, the LEADING variables, subcommand, config, worker_args
+#   -> the options' variables, the LEADING variables, subcommand, config, worker_args, and launcher_args
+#   (all of them, for the resume command)
 parse_command_line() {
+    launcher_args=("$@")
     while [[ $# -gt 0 && $1 == -* ]]; do
         if [[ $1 == -h || $1 == --help ]]; then
             usage
@@ -168,6 +184,16 @@ print_summary() {
     if [[ -n ${OPTIONS[--failure-timeout]:-} ]]; then
         print_failure_timeout
     fi
+    if ((max_restarts > 0)); then
+        summary_line restarts "at most $max_restarts, each from the newest verified checkpoint"
+    else
+        summary_line restarts "none: a failed job ends"
+    fi
+    if ((hang_timeout > 0)); then
+        summary_line "hang timeout" "$hang_timeout s: a rank without progress this long (after its first step) ends the job"
+    else
+        summary_line "hang timeout" "off"
+    fi
 }
 
 print_failure_timeout() {
@@ -178,25 +204,19 @@ print_failure_timeout() {
     summary_line "failure timeout" "$timeout: a worker silent this long ends the job"
 }
 
-# The worker command every launcher starts, writing into the run directory pre-flight resolved.
+# The worker command every launcher starts, writing into the run directory pre-flight resolved; a
+# restart resumes from the newest verified checkpoint there, if the run has saved one.
 worker_command() {
     worker_cmd=("$ROOT/launch/worker.py" "$subcommand" "$config" ${worker_args[@]+"${worker_args[@]}"}
         --set "train.output_dir=$run_dir")
+    if ((attempt > 0)) && compgen -G "$run_dir/checkpoints/step_*.json" >/dev/null; then
+        worker_cmd+=(train.resume=auto)
+    fi
 }
 
 # MindSpore's INFO/WARNING chatter stays in the log files.
 without_chatter() {
     grep --line-buffered -v -E '^\[(INFO|WARNING)\] '
-}
-
-# Runs the launcher command $2..., its whole output kept in $1 and shown without chatter; sets job_status.
-run_job() {
-    local transcript=$1
-    shift
-    set +e +o pipefail
-    "$@" 2>&1 | tee "$transcript" | without_chatter
-    job_status=${PIPESTATUS[0]}
-    set -e -o pipefail
 }
 
 # After a failed job ($1 its status): names the failed rank $2 (empty: not known) and what happened to
@@ -209,4 +229,214 @@ report_failure() {
     local log="$log_dir/worker_$2.log"
     echo "error: rank $2 $3, so the job was stopped (status $1); last lines of $log:" >&2
     without_chatter <"$log" | tail -n 20 >&2 || true
+}
+
+# Runs the job until it succeeds, fails for good or is stopped by a signal; returns if it succeeded,
+# exits with its status otherwise. After a failure that is no user error (status 2), it runs it again,
+# resuming, at most max_restarts times. The launcher defines start_attempt (starts this attempt's
+# processes in the background, their environment carrying JOB_VAR=job_id, and sets pids to the
+# launcher's children among them) and attempt_over (true once
+# they ended; sets job_status, and after a failure worker_status, the failed worker's, failed_rank and
+# failure: what happened to it); job_workers may list the pids to pass a signal on to.
+run_job() {
+    attempt=0
+    stop_signal=""
+    trap 'request_stop TERM' TERM
+    trap 'request_stop INT' INT
+    trap kill_job EXIT
+    while true; do
+        run_attempt
+        if [[ -n $stop_signal || -s $log_dir/stopped ]]; then
+            exit_stopped
+        fi
+        if ((job_status == 0)); then
+            return 0
+        fi
+        if [[ -n $hung_rank ]]; then
+            report_failure "$job_status" "$hung_rank" "made no progress for more than $hang_timeout s ($hung_what)"
+        else
+            report_failure "$job_status" "$failed_rank" "$failure"
+        fi
+        restart_or_exit
+    done
+}
+
+run_attempt() {
+    job_id="$HOSTNAME-$$-$attempt"
+    hung_rank=""
+    killing=""
+    declare -gA signaled=()
+    rm -f "$log_dir/stopped"
+    worker_command
+    start_attempt
+    while ! attempt_over; do
+        if [[ -n $stop_signal ]]; then
+            pass_on_stop
+        elif [[ -n $killing ]]; then
+            kill_job  # again: a process may have been starting while the last sweep ran
+        elif ((hang_timeout > 0)) && find_hung_rank; then
+            killing=1
+            kill_job
+        fi
+        sleep 1
+    done
+    if [[ -n $hung_rank ]]; then
+        job_status=$HANG_STATUS worker_status=$HANG_STATUS
+    fi
+    kill_job  # whatever the attempt left, e.g. msrun's workers once msrun is gone
+    wait "${pids[@]}" 2>/dev/null || true  # reaped quietly: bash would report each killed one at exit
+}
+
+# The trap of TERM and INT: the workers finish their step and rank 0 saves; a second signal ends the wait.
+request_stop() {
+    if [[ -n $stop_signal ]]; then
+        stop_deadline=0
+        return
+    fi
+    stop_signal=$1
+    printf -v stop_deadline '%(%s)T' -1
+    stop_deadline=$((stop_deadline + grace_period))
+    echo "SIG$1: stopping the workers: each finishes its step, then rank 0 saves a checkpoint (at most $grace_period s)" >&2
+}
+
+# Passes the signal on to each worker of the attempt once (a worker may announce itself late), and kills
+# the job when the grace period is over. Once only: a worker killed by a repeated signal while it exits
+# would make msrun or mpirun kill the others, maybe rank 0 in its save.
+pass_on_stop() {
+    local now pid
+    printf -v now '%(%s)T' -1
+    if ((now >= stop_deadline)); then
+        [[ -n $killing ]] || echo "error: the workers did not stop within the grace period; killing them" >&2
+        killing=1
+        kill_job
+        return
+    fi
+    for pid in $(job_workers); do
+        if [[ -z ${signaled[$pid]:-} ]]; then
+            signaled[$pid]=1
+            kill -s "$stop_signal" "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
+# This attempt's workers on this host: the pids whose RUN_DIR/logs/pids/<pid> holds this job's id.
+job_workers() {
+    local file rank job
+    for file in "$log_dir"/pids/*; do
+        if [[ ${file##*/} =~ ^[0-9]+$ ]] && read -r rank job 2>/dev/null <"$file" && [[ $job == "$job_id" ]]; then
+            echo "${file##*/}"
+        fi
+    done
+}
+
+# Kills every process of the attempt on this host: whatever carries its id in its environment (msrun's
+# workers leave its session, MindSpore's schedulers are started by msrun or a worker).
+kill_job() {
+    local pids
+    [[ -n $job_id ]] || return 0
+    pids=$(grep -lsxzF "$JOB_VAR=$job_id" /proc/[0-9]*/environ | cut -d/ -f3) || true
+    if [[ -n $pids ]]; then
+        # shellcheck disable=SC2086  # pids: digits from /proc paths, one per word
+        kill -KILL $pids 2>/dev/null || true
+    fi
+}
+
+# True if a rank of the attempt has made no progress for hang_timeout seconds (its heartbeat, see
+# vit_dist/host/heartbeat.py); sets hung_rank and hung_what. The ranks waiting for a hung one in a
+# collective make no progress either, so the one named is a stopped process (SIGSTOP) if there is one,
+# else the rank furthest behind, else the one silent longest.
+find_hung_rank() {
+    local file job time pid progress what now key best=""
+    printf -v now '%(%s)T' -1
+    for file in "$log_dir"/heartbeat/*; do
+        read -r job time pid progress what 2>/dev/null <"$file" || continue
+        if [[ $job != "$job_id" || ! $time =~ ^[0-9]{1,12}$ || ! $pid =~ ^[0-9]{1,9}$ ||
+            ! $progress =~ ^[0-9]{1,12}$ ]] || ((now - time <= hang_timeout)); then
+            continue
+        fi
+        if is_stopped "$pid"; then
+            what="$what; the process is stopped"
+            key=0
+        else
+            key=1
+        fi
+        printf -v key '%s %012d %012d' "$key" "$progress" "$time"
+        if [[ -z $best || $key < $best ]]; then
+            best=$key
+            hung_rank=${file##*/}
+            hung_what="last: $what"
+        fi
+    done
+    [[ -n $best ]]
+}
+
+# True if process $1 is one of the attempt's, on this host, and stopped.
+is_stopped() {
+    local stat
+    grep -qsxzF "$JOB_VAR=$job_id" "/proc/$1/environ" && stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} == [Tt] ]]
+}
+
+# After a failed attempt: exits with its status if it was a user error or the restarts are used up,
+# otherwise notes the restart on the console and in RUN_DIR/logs/restarts.log.
+restart_or_exit() {
+    if ((worker_status == 2 || attempt >= max_restarts)); then
+        exit "$job_status"
+    fi
+    attempt=$((attempt + 1))
+    local line why="the job failed with status $job_status"
+    if [[ -n $hung_rank ]]; then
+        why="rank $hung_rank made no progress for more than $hang_timeout s"
+    elif [[ -n $failed_rank ]]; then
+        why="rank $failed_rank $failure"
+    fi
+    printf -v line '%(%Y-%m-%dT%H:%M:%S%z)T restart %d of %d: %s; resuming from the newest verified checkpoint' \
+        -1 "$attempt" "$max_restarts" "$why"
+    echo "$line" >&2
+    echo "$line" >>"$log_dir/restarts.log"
+}
+
+# After a stop on a signal (to the launcher, or to a worker: then rank 0's RUN_DIR/logs/stopped says
+# which): one line saying where the job stopped and, for train, how to resume it; exits 128+signal.
+exit_stopped() {
+    local name="" step checkpoint where="" resume=""
+    if [[ -s $log_dir/stopped ]] && read -r name step checkpoint <"$log_dir/stopped"; then
+        where=" after step $step (checkpoint $checkpoint)"
+    fi
+    name=${stop_signal:-${name#SIG}}
+    if [[ $subcommand == train ]]; then
+        printf -v resume ' %q' "$0" ${launcher_args[@]+"${launcher_args[@]}"} --set train.resume=auto \
+            "train.output_dir=$run_dir"
+        resume="; resume with:$resume"
+    fi
+    echo "error: stopped by SIG$name$where$resume" >&2
+    if [[ $name == INT ]]; then
+        exit 130
+    fi
+    exit 143
+}
+
+# Starts "$@" as this attempt's job, in a session of its own (a Ctrl-C reaches the launcher alone, which
+# passes it on), its output kept in $1 and shown without chatter; sets pids. The console's tee and
+# filter ignore the signals, so that the job can still say how it stopped.
+start_logged_job() {
+    local transcript=$1
+    shift
+    (
+        trap '' INT TERM
+        set +e +o pipefail
+        (trap - INT TERM; exec setsid env "$JOB_VAR=$job_id" "$@") 2>&1 | tee "$transcript" | without_chatter
+        exit "${PIPESTATUS[0]}"
+    ) &
+    pids=("$!")
+}
+
+# True once the job start_logged_job started has ended; sets job_status.
+logged_job_over() {
+    if kill -0 "${pids[0]}" 2>/dev/null; then
+        return 1
+    fi
+    job_status=0
+    wait "${pids[0]}" || job_status=$?
 }

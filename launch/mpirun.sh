@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs `vit-dist train|eval` on N ranks through OpenMPI's mpirun (install with: launch/install.sh mpi).
 #
-#   launch/mpirun.sh --ranks N [--hostfile F --master-addr A] [--failure-timeout S]
-#                    [train|eval] CONFIG [--ckpt C] [--set k=v ...]
+#   launch/mpirun.sh --ranks N [--hostfile F --master-addr A] [--failure-timeout S] [--max-restarts K]
+#                    [--hang-timeout S] [--grace-period S] [train|eval] CONFIG [--ckpt C] [--set k=v ...]
 #
 # N is the world size; mpirun places the ranks (on the hosts of F, if given). Each rank learns its
 # place from mpirun; rank 0 starts MindSpore's scheduler on A (127.0.0.1 unless F lists other hosts:
 # then rank 0's address, which all ranks reach) and every rank joins it. Across hosts,
 # train.output_dir and the Python environment must be on paths every host shares.
-# User errors exit with status 2, a failed job with mpirun's.
+# --max-restarts, --hang-timeout and --grace-period are as for launch/msrun.sh (see its --help).
+# User errors exit with status 2, a failed job with mpirun's, a stop on TERM or INT with 143 or 130, a
+# hung one with 124.
 # As root, OpenMPI wants OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -40,13 +42,20 @@ if [[ -n $hostfile ]]; then
     mpirun_args+=(--hostfile "$hostfile")
 fi
 transcript="$log_dir/mpirun.log"
-worker_command
-run_job "$transcript" mpirun "${mpirun_args[@]}" bash "$ROOT/launch/mpi_rank.sh" "$log_dir" "$PYTHON" "${worker_cmd[@]}"
-if [[ $job_status -ne 0 ]]; then
-    # mpirun names the first failed rank: "process rank R with PID ..." (killed by a signal), or
-    # "Process name: [...,R]" before its exit code.
-    rank=$(sed -n -E -e 's/.*process rank ([0-9]+) with PID.*/\1/p' -e 's/^ *Process name: .*,([0-9]+)\]$/\1/p' \
+
+start_attempt() {
+    start_logged_job "$transcript" mpirun "${mpirun_args[@]}" -x "$JOB_VAR" \
+        bash "$ROOT/launch/mpi_rank.sh" "$log_dir" "$PYTHON" "${worker_cmd[@]}"
+}
+
+# mpirun names the first failed rank: "process rank R with PID ..." (killed by a signal), or
+# "Process name: [...,R]" before its exit code.
+attempt_over() {
+    logged_job_over || return 1
+    failed_rank=$(sed -n -E -e 's/.*process rank ([0-9]+) with PID.*/\1/p' -e 's/^ *Process name: .*,([0-9]+)\]$/\1/p' \
         "$transcript" | head -n 1)
-    report_failure "$job_status" "$rank" "failed (mpirun's message above says how)"
-fi
-exit "$job_status"
+    failure="failed (mpirun's message above says how)"
+    worker_status=$job_status
+}
+
+run_job

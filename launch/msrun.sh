@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Runs `vit-dist train|eval|bench` on N ranks per node through MindSpore's msrun.
 #
-#   launch/msrun.sh --ranks-per-node N [--failure-timeout S] [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
+#   launch/msrun.sh --ranks-per-node N [--failure-timeout S] [--max-restarts K] [--hang-timeout S]
+#                   [--grace-period S] [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
 #   launch/msrun.sh --ranks-per-node N --nodes M --node-rank R --master-addr A --master-port P
 #                   [train|eval] CONFIG ...
 #
 # The world is N x M ranks. The config and data are checked once here (one clear line, no process
 # started) before msrun spawns the workers; rank 0's log streams to the console, every rank's log is
 # kept in RUN_DIR/logs. Across nodes, every node runs this with the same train.output_dir (a shared
-# directory). User errors exit with status 2, a failed job with the failed worker's.
+# directory).
+#   --max-restarts K  runs a failed job again, from its newest verified checkpoint, at most K times (default 0)
+#   --hang-timeout S  ends the job when a rank makes no progress for S s after its first step (default 600; 0: off)
+#   --grace-period S  after TERM or INT, seconds the ranks have to finish their step and save (default 300)
+# User errors exit with status 2, a failed job with msrun's, a stop on TERM or INT with 143 or 130, a
+# hung one with 124.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -32,9 +38,16 @@ fi
 world=$((ranks_per_node * nodes))
 put_python_first_on_path
 preflight "$world" "$nodes"
+
+free_port() {
+    "$PYTHON" -c 'import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$master_addr"
+}
+
+fixed_port=1
 if [[ -z $master_port ]]; then
-    master_port=$("$PYTHON" -c 'import socket, sys
-s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$master_addr")
+    fixed_port=0
+    master_port=$(free_port)
 fi
 print_summary msrun "$world ($nodes node(s) x $ranks_per_node rank(s))" "$nodes; this is node $node_rank" \
     scheduler "$master_addr:$master_port"
@@ -48,25 +61,30 @@ fi
 export VIT_DIST_NODE_RANK=$node_rank
 transcript="$log_dir/msrun_node_$node_rank.log"
 
-# msrun names a failed worker by pid only ("Worker process P exit with exception. Error code: C"), and
-# each worker writes its rank to RUN_DIR/logs/pids/<pid>.
-report_msrun_failure() {
-    local pid code rank=""
-    local failure='s/.*Worker process ([0-9]+) exit with exception\. Error code: (-?[0-9]+).*/\1 \2/p'
-    read -r pid code < <(sed -n -E "$failure" "$transcript") || true
-    if [[ -n ${pid:-} ]]; then
-        rank=$(cat "$log_dir/pids/$pid" 2>/dev/null || true)
+start_attempt() {
+    if ((attempt > 0 && !fixed_port)); then
+        master_port=$(free_port)  # the last attempt's scheduler may still hold its port
     fi
-    report_failure "$job_status" "$rank" "exited with status ${code:-}"
+    start_logged_job "$transcript" "$PYTHON" -m mindspore.parallel.cluster.run \
+        --worker_num "$world" --local_worker_num "$ranks_per_node" \
+        --master_addr "$master_addr" --master_port "$master_port" --node_rank "$node_rank" \
+        --log_dir "$log_dir" --join True --cluster_time_out "$join_timeout" --tail_worker_log 0 \
+        "${worker_cmd[@]}"
 }
 
-worker_command
-run_job "$transcript" "$PYTHON" -m mindspore.parallel.cluster.run \
-    --worker_num "$world" --local_worker_num "$ranks_per_node" \
-    --master_addr "$master_addr" --master_port "$master_port" --node_rank "$node_rank" \
-    --log_dir "$log_dir" --join True --cluster_time_out "$join_timeout" --tail_worker_log 0 \
-    "${worker_cmd[@]}"
-if [[ $job_status -ne 0 ]]; then
-    report_msrun_failure
-fi
-exit "$job_status"
+# msrun names a failed worker by pid only ("Worker process P exit with exception. Error code: C"), and
+# each worker writes its rank to RUN_DIR/logs/pids/<pid>.
+attempt_over() {
+    logged_job_over || return 1
+    local pid code="" job
+    local failure_line='s/.*Worker process ([0-9]+) exit with exception\. Error code: (-?[0-9]+).*/\1 \2/p'
+    failed_rank=""
+    read -r pid code < <(sed -n -E "$failure_line" "$transcript") || true
+    if [[ -n ${pid:-} ]]; then
+        read -r failed_rank job <"$log_dir/pids/$pid" 2>/dev/null || true
+    fi
+    failure="exited with status $code"
+    worker_status=${code:-$job_status}
+}
+
+run_job

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs `vit-dist train|eval|bench` on this server's devices of an HCCL rank table (Ascend), one worker each.
 #
-#   launch/rank_table.sh [--server-index K] [--bind-cores] [--dry-run]
-#                        RANK_TABLE [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
+#   launch/rank_table.sh [--server-index K] [--bind-cores] [--dry-run] [--max-restarts K] [--hang-timeout S]
+#                        [--grace-period S] RANK_TABLE [train|eval|bench] CONFIG [--ckpt C] [--set k=v ...]
 #
 # Run it on every server of the table, each with its own K: its entry in the table's server_list
 # (default 0). The world size and this server's devices and ranks come from the table, which is
@@ -12,9 +12,11 @@
 #                 only the table (RUN_DIR stands for the run directory the job's pre-flight check picks)
 # The config and data are checked once here (one clear line, no process started) before the workers
 # start; the first local worker's log streams to the console, every rank's log is kept in RUN_DIR/logs.
-# When a worker fails, or on Ctrl-C or TERM, every worker is stopped. Across servers, every server
-# runs this with the same train.output_dir (a shared directory).
-# User errors exit with status 2, a failed job with the failed worker's.
+# When a worker fails every worker is stopped; on Ctrl-C or TERM each finishes its step and rank 0
+# saves a checkpoint. Across servers, every server runs this with the same train.output_dir (a shared
+# directory). --max-restarts, --hang-timeout and --grace-period are as for launch/msrun.sh (see its --help).
+# User errors exit with status 2, a failed job with the failed worker's, a stop on TERM or INT with
+# 143 or 130, a hung one with 124.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -26,7 +28,8 @@ NUMBERS+=([--server-index]=0)
 SWITCHES+=([--bind-cores]=bind_cores [--dry-run]=dry_run)
 LEADING=(rank_table)
 rank_count_hint="rank_table.sh takes the rank counts from RANK_TABLE"
-pids=()
+pids=()  # the workers of the attempt
+running=()  # their indices, while they run
 
 # Refuses an invalid table (the helper names every problem) and reads this server's part of it: sets
 # rank_table_file, rank_size, server_count, server_id, devices and ranks.
@@ -68,6 +71,9 @@ worker_process() {
         "RANK_TABLE_FILE=$rank_table_file" "MINDSPORE_HCCL_CONFIG_PATH=$rank_table_file"
         # Ranks on one server share its cores; runtime.cpu_threads splits them by this count.
         "LOCAL_WORLD_SIZE=${#devices[@]}")
+    if [[ -n $job_id ]]; then  # not in a dry run
+        worker_env+=("$JOB_VAR=$job_id")
+    fi
     worker_argv=()
     if [[ -n $bind_cores ]]; then
         local first=$((i * cores_per_worker))
@@ -86,68 +92,57 @@ print_dry_run() {
     done
 }
 
-# Each worker in a session of its own, so that stopping it stops whatever it started; the first one's
-# output also goes to the console.
-start_workers() {
+# Each worker in a session of its own, so that a Ctrl-C reaches the launcher alone, which passes it on;
+# the first one's output also goes to the console, through a tee that ignores the signals so that the
+# worker can still say how it stopped.
+start_attempt() {
     local i log
+    pids=()  # the workers of the attempt
+running=()  # their indices, while they run
     for i in "${!devices[@]}"; do
         worker_process "$i"
         log="$log_dir/worker_${ranks[i]}.log"
-        # Not a process-group leader here (no job control), so setsid execs in place: $! is the session's id.
+        # Not a process-group leader here (no job control), so setsid execs in place: $! is the worker's pid.
+        # A background command would ignore INT: trap - gives the worker the default back.
         if ((i == 0)); then
-            setsid env "${worker_env[@]}" "${worker_argv[@]}" > >(tee "$log" | without_chatter) 2>&1 </dev/null &
+            (trap - INT TERM; exec setsid env "${worker_env[@]}" "${worker_argv[@]}") \
+                > >(trap '' INT TERM; tee "$log" | without_chatter) 2>&1 </dev/null &
         else
-            setsid env "${worker_env[@]}" "${worker_argv[@]}" >"$log" 2>&1 </dev/null &
+            (trap - INT TERM; exec setsid env "${worker_env[@]}" "${worker_argv[@]}") >"$log" 2>&1 </dev/null &
         fi
         pids+=("$!")
     done
+    running=("${!pids[@]}")
 }
 
-# TERM to every worker's process group, KILL to what is left after 10 s.
-stop_workers() {
-    local pid tries
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        kill -TERM -- "-$pid" 2>/dev/null || true
-    done
-    for ((tries = 0; tries < 10; tries++)); do
-        for pid in ${pids[@]+"${pids[@]}"}; do
-            if kill -0 -- "-$pid" 2>/dev/null; then
-                sleep 1
-                continue 2
-            fi
-        done
-        return 0
-    done
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        kill -KILL -- "-$pid" 2>/dev/null || true
-    done
-}
-
-# Until every worker succeeded, or one failed: then the others are stopped and the launcher exits with
-# its status. Polls rather than `wait -n -p` (bash >= 5.1) so that older server images work too.
-wait_for_workers() {
-    local i status running=("${!pids[@]}") still
-    while [[ ${#running[@]} -gt 0 ]]; do
-        still=()
-        for i in "${running[@]}"; do
-            if kill -0 "${pids[i]}" 2>/dev/null; then
-                still+=("$i")
-                continue
-            fi
-            status=0
-            wait "${pids[i]}" || status=$?
-            if [[ $status -ne 0 ]]; then
-                stop_workers
-                report_failure "$status" "${ranks[i]}" "(device ${devices[i]}) exited with status $status"
-                exit "$status"
-            fi
-        done
-        running=(${still[@]+"${still[@]}"})
-        if [[ ${#running[@]} -gt 0 ]]; then
-            sleep 1
+# True once every worker succeeded, or one failed (run_job then stops the others). Polls rather than
+# `wait -n -p` (bash >= 5.1) so that older server images work too.
+attempt_over() {
+    local i status still=()
+    for i in "${running[@]}"; do
+        if kill -0 "${pids[i]}" 2>/dev/null; then
+            still+=("$i")
+            continue
+        fi
+        status=0
+        wait "${pids[i]}" || status=$?
+        if ((status != 0)); then
+            job_status=$status worker_status=$status failed_rank=${ranks[i]}
+            failure="(device ${devices[i]}) exited with status $status"
+            return 0
         fi
     done
-    pids=()  # all reaped: their ids may be reused, so the EXIT trap must not signal them
+    running=(${still[@]+"${still[@]}"})
+    job_status=0
+    [[ ${#running[@]} -eq 0 ]]
+}
+
+# The launcher started the workers itself.
+job_workers() {
+    local i
+    for i in ${running[@]+"${running[@]}"}; do
+        echo "${pids[i]}"
+    done
 }
 
 parse_command_line "$@"
@@ -163,15 +158,10 @@ else
 fi
 print_summary rank_table "$rank_size" "$server_count; this is server $server_index ($server_id)" \
     "rank table" "$rank_table_file" "local devices" "${devices[*]} (ranks ${ranks[*]})" "bind cores" "$binding"
-worker_command
 if [[ -n $dry_run ]]; then
+    worker_command
     print_dry_run
     exit 0
 fi
-# setsid detaches the workers from the terminal: Ctrl-C and TERM reach them through this.
-trap stop_workers EXIT
-trap 'echo "error: interrupted; stopping the workers" >&2; exit 130' INT
-trap 'echo "error: terminated; stopping the workers" >&2; exit 143' TERM
-start_workers
-wait_for_workers
+run_job
 echo "all ${#devices[@]} workers of server $server_index finished; logs in $log_dir"

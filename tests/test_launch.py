@@ -93,11 +93,11 @@ def test_nodes_must_share_a_named_run_directory(exact_config):
 def test_a_killed_worker_ends_the_job(tiny_data, tmp_path, launcher, victim, bound):
     def kill_victim(run_dir: Path) -> None:
         pids = run_dir / "logs" / "pids"
-        pid = next(int(f.name) for f in pids.iterdir() if f.name.isdigit() and f.read_text().strip() == str(victim))
-        os.kill(pid, signal.SIGKILL)
+        os.kill(worker_pid(run_dir, victim), signal.SIGKILL)
 
     rank, log = _failing_job(tmp_path, _long_config(tmp_path, tiny_data), launcher, kill_victim, bound)
     assert rank == victim
+    assert not (tmp_path / "run" / "logs" / "restarts.log").exists()  # --max-restarts 0: no restart
     last_line = [line for line in _read(log).splitlines() if not line.startswith(("[INFO]", "[WARNING]"))][-1]
     assert _read(tmp_path / "launcher.err").rstrip().endswith(last_line.rstrip())
 
@@ -116,6 +116,12 @@ def test_a_raising_worker_ends_the_mpirun_job(tmp_path):
 
     rank, log = _failing_job(tmp_path, config, "mpirun", corrupt_an_image, 15)
     assert rank == 0 and "image decode failed" in _read(log)
+
+
+def worker_pid(run_dir: Path, rank: int) -> int:
+    """The pid of the worker of that rank: RUN_DIR/logs/pids/<pid> holds "RANK JOB"."""
+    pids = run_dir / "logs" / "pids"
+    return next(int(f.name) for f in pids.iterdir() if f.name.isdigit() and f.read_text().split()[0] == str(rank))
 
 
 def _long_config(tmp_path: Path, data_root: Path, **data) -> Path:
@@ -166,12 +172,12 @@ def _job(cmd: list, output: Path):
         proc.wait()
 
 
-def _wait_for(condition, job: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for(condition, job: subprocess.Popen, timeout: float = 240, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert job.poll() is None, f"the job ended early with status {job.returncode}"
         assert time.monotonic() < deadline, "timed out waiting for training steps"
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def _read(path: Path) -> str:

@@ -19,7 +19,9 @@ HINTS = {"msrun.sh": "use --ranks-per-node N (msrun.sh starts N ranks on each of
 # Every numeric option, and its minimum.
 NUMBERS = [("msrun.sh", "--ranks-per-node", 1), ("msrun.sh", "--nodes", 1), ("msrun.sh", "--node-rank", 0),
            ("msrun.sh", "--master-port", 1), ("msrun.sh", "--failure-timeout", 1), ("mpirun.sh", "--ranks", 1),
-           ("mpirun.sh", "--failure-timeout", 1), ("rank_table.sh", "--server-index", 0)]
+           ("mpirun.sh", "--failure-timeout", 1), ("rank_table.sh", "--server-index", 0)] + [
+    (launcher, flag, minimum) for launcher in ("msrun.sh", "mpirun.sh", "rank_table.sh")
+    for flag, minimum in (("--max-restarts", 0), ("--hang-timeout", 0), ("--grace-period", 1))]
 
 
 def launch(launcher: str, *args: str) -> subprocess.CompletedProcess:

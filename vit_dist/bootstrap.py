@@ -27,22 +27,30 @@ MASTER_ADDR = "VIT_DIST_MASTER_ADDR"
 SCHEDULER_PARENT = "VIT_DIST_SCHEDULER_PARENT"
 # Set by launch/msrun.sh on each node's launcher.
 NODE_RANK = "VIT_DIST_NODE_RANK"
+# The launcher's id of this attempt of the job, in the pid file and heartbeat of each of its workers:
+# what the launcher signals and watches is this attempt's, on this node (host.heartbeat).
+LAUNCH_JOB = "VIT_DIST_JOB"
 # Seconds MindSpore's scheduler waits on a silent worker (launch/*.sh --failure-timeout; MindSpore's default is 30).
 NODE_TIMEOUT = "MS_NODE_TIMEOUT"
 # What OpenMPI gives each process it starts; the scheduler is none of them.
 MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 
 
-# RUN_DIR/logs/pids/<pid> holds the rank of the worker with that pid: a launcher told only the pid of
-# a dead worker (msrun) finds its rank there.
+# RUN_DIR/logs/pids/<pid> holds "RANK JOB" of the worker with that pid: a launcher told only the pid
+# of a dead worker (msrun) finds its rank there, and a launcher passing on a signal finds its workers.
 PIDS_DIR = ("logs", "pids")
 
 
 def announce_worker(run_dir, rank: int) -> None:
-    """Writes RUN_DIR/logs/pids/<this pid> = rank (under msrun across nodes the rank is provisional)."""
+    """Writes RUN_DIR/logs/pids/<this pid> = "rank job" (under msrun across nodes the rank is provisional)."""
     folder = Path(run_dir).joinpath(*PIDS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / str(os.getpid()), f"{rank}\n")
+    write_atomic(folder / str(os.getpid()), f"{rank} {launch_job(os.environ)}\n")
+
+
+def launch_job(env: Mapping[str, str]) -> str:
+    """The launcher's id of this attempt of the job; empty outside a launcher."""
+    return env.get(LAUNCH_JOB, "")
 
 
 def user_cache_dir(env: Mapping[str, str]) -> Path:

@@ -1,8 +1,11 @@
 """The training loop's components, each owning its cadence and state: IntervalLogger (timing, the
 reduced loss, overflow counts, the first step's compile), Checkpointer (resume, every_n_steps and
-epoch-end saves, keep_last, keep-best) and Evaluator (when to evaluate, exact top-1/top-5)."""
+epoch-end saves, keep_last, keep-best), Evaluator (when to evaluate, exact top-1/top-5) and
+Preemption (a stop on SIGTERM or SIGINT that every rank agrees on, with a checkpoint)."""
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -10,6 +13,7 @@ from typing import Iterable, Iterator, Optional
 from vit_dist.host import checkpoint_files as files
 from vit_dist.host.checkpoint_files import Progress
 from vit_dist.host.config import CheckpointConfig
+from vit_dist.host.heartbeat import Heartbeat, resume_command, write_stopped
 from vit_dist.host.placement import Placement
 from vit_dist.host.run_record import RunRecord, format_eval_line, format_train_line
 from vit_dist.parallel.checkpoint_merge import merge
@@ -85,11 +89,13 @@ class Checkpointer:
     keep_last and, by val top-1, the best."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, run: Training, placement: Placement,
-                 steps_per_epoch: int, digest: str):
+                 steps_per_epoch: int, digest: str, heartbeat: Heartbeat):
         self.cfg, self.run_dir, self.run, self.steps_per_epoch, self.digest = cfg, run_dir, run, steps_per_epoch, digest
+        self.heartbeat = heartbeat
         self.saves = placement.is_main or run.dims.semi_auto  # semi_auto: every rank holds slices of its own
         self.slice_rank = placement.rank if run.dims.semi_auto else None
         self.last: Optional[Path] = None
+        self.newest: tuple[int, Optional[Path]] = (0, None)  # the step and file training could resume from
         self.best = files.best_checkpoint(run_dir) if placement.is_main else None  # (path, top1)
 
     def restore(self, resume: Optional[str], say) -> Progress:
@@ -101,6 +107,7 @@ class Checkpointer:
                 say(f"no verified checkpoint in {files.checkpoint_dir(self.run_dir)}: starting from scratch")
             return Progress(0, 0)
         progress = checkpoint.restore(path, self.run.net, self.run.optimizer, self.run.scaler)
+        self.newest = progress.step, path
         say(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
         written_under = files.read_manifest(path).get("config")
         if written_under not in (None, self.digest):
@@ -121,10 +128,19 @@ class Checkpointer:
         if evaluation is not None and self.last is not None and (self.best is None or evaluation["top1"] > self.best[1]):
             self.best = files.keep_best(self.run_dir, self.last, evaluation["top1"]), evaluation["top1"]
 
+    def save_on_stop(self, progress: Progress) -> Optional[Path]:
+        """The stop's checkpoint: this step's, unless nothing was trained since the newest one; returns it."""
+        if progress.step != self.newest[0]:
+            self.save(progress)
+        return self.newest[1]
+
     def save(self, progress: Progress) -> None:
         if self.saves:
+            self.heartbeat.busy(progress.step, f"saving the checkpoint of step {progress.step}")
             self.last = checkpoint.save(self.run_dir, self.run.net, self.run.optimizer, self.run.scaler, progress,
                                         self.cfg.keep_last, self.digest, self.slice_rank)
+            self.newest = progress.step, self.last
+            self.heartbeat.busy(progress.step, f"saved the checkpoint of step {progress.step}")
 
     def summary(self, placement: Placement) -> dict:
         """The last and best checkpoints; under semi_auto, once every rank has saved its slices, the
@@ -141,15 +157,80 @@ class Evaluator:
     the end; none under semi_auto (its slices are evaluated after the merge)."""
 
     def __init__(self, eval_every_epochs: int, run: Training, dataset, batch_size: int, placement: Placement,
-                 num_images: int, record: RunRecord):
+                 num_images: int, record: RunRecord, heartbeat: Heartbeat):
         self.every, self.run, self.dataset, self.batch_size = eval_every_epochs, run, dataset, batch_size
-        self.placement, self.num_images, self.record = placement, num_images, record
+        self.placement, self.num_images, self.record, self.heartbeat = placement, num_images, record, heartbeat
 
     def maybe_evaluate(self, progress: Progress, final: bool) -> Optional[dict]:
         if self.run.dims.semi_auto or not (final or (self.every and progress.epoch % self.every == 0)):
             return None
-        result = evaluate(self.run.net, self.dataset, self.batch_size, self.placement, self.num_images)
+        batches = _Heartbeating(self.dataset, self.heartbeat, progress.step)
+        result = evaluate(self.run.net, batches, self.batch_size, self.placement, self.num_images)
         self.record.log({"step": progress.step, "epoch": progress.epoch, **result},
                         format_eval_line({"epoch": progress.epoch, **result}))
         return result
 
+
+
+class _Heartbeating:
+    """The eval dataset as evaluate() reads it, stamping the heartbeat at each batch: an evaluation
+    is progress to the hang watchdog."""
+
+    def __init__(self, dataset, heartbeat: Heartbeat, step: int):
+        self.dataset, self.heartbeat, self.step = dataset, heartbeat, step
+
+    def create_tuple_iterator(self, **kwargs) -> Iterator:
+        for index, batch in enumerate(self.dataset.create_tuple_iterator(**kwargs), 1):
+            self.heartbeat.busy(self.step, f"evaluating batch {index} after step {self.step}")
+            yield batch
+
+
+class Preemption:
+    """SIGTERM or SIGINT asks the run to stop. A signal reaches the ranks at different times, so they
+    agree: at the same steps every rank all-reduces its stop request, about once per second of
+    training (a cadence each rank derives from the same reduced step time); then every rank has
+    finished the same step, rank 0 saves, and the run ends. On one device with status 128+signal; in
+    a launched job with 0 and RUN_DIR/logs/stopped, which the launcher turns into 128+signal, since
+    msrun and mpirun kill every rank once one exits non-zero and could cut rank 0's save short."""
+
+    AGREE_EVERY_S = 1.0
+
+    def __init__(self, placement: Placement, checkpointer: Checkpointer, heartbeat: Heartbeat, run_dir: Path, say):
+        self.placement, self.checkpointer, self.heartbeat, self.run_dir, self.say = (
+            placement, checkpointer, heartbeat, run_dir, say)
+        self.requested = 0  # the first signal received
+        self.every, self.countdown, self.since = 1, 1, time.perf_counter()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, _frame) -> None:
+        self.requested = self.requested or signum
+
+    def before_step(self, progress: Progress) -> None:
+        """Every rank, before every step: stops the run here if the ranks agree to."""
+        self.heartbeat.batch_ready(progress.step)
+        self.countdown -= 1
+        if self.countdown == 0:
+            self._agree(progress)
+
+    def _agree(self, progress: Progress) -> None:
+        elapsed = time.perf_counter() - self.since
+        terms, interrupts, total = all_reduce_sum([self.requested == signal.SIGTERM,
+                                                   self.requested == signal.SIGINT, elapsed], self.placement)
+        if terms or interrupts:
+            self._stop(progress, signal.SIGTERM if terms else signal.SIGINT)
+        step_time = float(total) / self.placement.world_size / self.every  # the same on every rank
+        self.every = max(1, int(self.AGREE_EVERY_S / max(step_time, 1e-6)))
+        self.countdown, self.since = self.every, time.perf_counter()
+
+    def _stop(self, progress: Progress, signum: int) -> None:
+        name = signal.Signals(signum).name
+        saved = self.checkpointer.save_on_stop(progress)
+        if self.placement.is_main:
+            write_stopped(self.run_dir, name, progress.step, saved)
+        if self.placement.distributed:
+            self.say(f"stopped by {name} after step {progress.step}; checkpoint {saved}")
+            raise SystemExit(0)
+        self.say(f"error: stopped by {name} after step {progress.step} (checkpoint {saved}); resume with: "
+                 f"{resume_command(sys.argv[1:], self.run_dir)}")
+        raise SystemExit(128 + signum)

@@ -3,19 +3,22 @@ runs the same loop; the gradient all-reduce inside the step keeps the replicas e
 record writes only on rank 0."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mindspore as ms
 
+from vit_dist import bootstrap
 from vit_dist.data import pipeline
 from vit_dist.host.checkpoint_files import Progress
 from vit_dist.host.config import Config, config_digest
 from vit_dist.host.datascan import DataScan, steps_per_epoch
+from vit_dist.host.heartbeat import Heartbeat
 from vit_dist.host.placement import Placement
 from vit_dist.host.run_record import RunRecord
 from vit_dist.parallel.checkpoint_merge import strategy_file
 from vit_dist.training.assemble import build_training
-from vit_dist.training.components import Checkpointer, Evaluator, IntervalLogger
+from vit_dist.training.components import Checkpointer, Evaluator, IntervalLogger, Preemption
 from vit_dist.training.optim import lr_schedule
 
 
@@ -31,16 +34,18 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     per_epoch = steps_per_epoch(scan.train.num_images, dims.dp, dims.micro_batch, dims.accumulation)
     total = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch)
     rates = lr_schedule(cfg.train, per_epoch)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg))
+    heartbeat = Heartbeat(run_dir, placement.rank, bootstrap.launch_job(os.environ))
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg), heartbeat)
     start = checkpointer.restore(cfg.train.resume, record.say)
     logger = IntervalLogger(record, run, placement, cfg.train.log_interval, total, rates, start.skipped_steps)
     evaluator = Evaluator(cfg.train.eval_every_epochs, run, pipeline.eval_dataset(
         cfg, scan.val, scan.classes, placement.rank, placement.world_size, cfg.train.eval_batch),
-        cfg.train.eval_batch, placement, scan.val.num_images, record)
+        cfg.train.eval_batch, placement, scan.val.num_images, record, heartbeat)
     dataset = pipeline.train_dataset(cfg, scan.train, scan.classes, dims.replica(placement.rank), dims.dp,
                                      dims.rank_batch)
     dataset.set_init_step(start.step)  # skips the batches already consumed, keeps each epoch's order
     batches = dataset.create_tuple_iterator(num_epochs=cfg.train.epochs)  # each pass yields one epoch
+    preemption = Preemption(placement, checkpointer, heartbeat, run_dir, record.say)
     left_out = len(scan.train.bad) + len(scan.val.bad)
     record.say(f"training {total} steps ({per_epoch} per epoch, global batch {dims.global_batch}) on "
                f"{placement.world_size} rank(s); run directory {run_dir}"
@@ -49,8 +54,10 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     step, epoch = start.step, min(start.step // per_epoch + 1, cfg.train.epochs)
     while step < total:
         for images, labels in logger.timed(batches):
+            preemption.before_step(Progress(step, epoch, logger.skipped))
             loss, finite = run.step(images, labels, ms.Tensor(rates[step], ms.float32))
             step += 1
+            heartbeat.step_done(step)
             logger.after_step(step, epoch, loss, finite)
             if step == total:
                 break
