@@ -41,16 +41,11 @@ MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 PIDS_DIR = ("logs", "pids")
 
 
-def announce_worker(run_dir, rank: int) -> None:
+def announce_worker(run_dir, placement: Placement) -> None:
     """Writes RUN_DIR/logs/pids/<this pid> = "rank job" (under msrun across nodes the rank is provisional)."""
     folder = Path(run_dir).joinpath(*PIDS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / str(os.getpid()), f"{rank} {launch_job(os.environ)}\n")
-
-
-def launch_job(env: Mapping[str, str]) -> str:
-    """The launcher's id of this attempt of the job; empty outside a launcher."""
-    return env.get(LAUNCH_JOB, "")
+    write_atomic(folder / str(os.getpid()), f"{placement.rank} {placement.job}\n")
 
 
 def user_cache_dir(env: Mapping[str, str]) -> Path:
@@ -85,8 +80,13 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def detect_placement(env: Mapping[str, str]) -> Placement:
-    """Which launcher started this process and where the process sits. Under msrun across nodes the
-    rank may only be known after init(), so `rank` here is provisional there."""
+    """Which launcher started this process and where the process sits, with the launcher's id of this
+    attempt of the job. Under msrun across nodes the rank may only be known after init(), so `rank`
+    here is provisional there."""
+    return replace(_placement(env), job=env.get(LAUNCH_JOB, ""))
+
+
+def _placement(env: Mapping[str, str]) -> Placement:
     if env.get("MS_ROLE") == "MS_WORKER":  # msrun (or any MindSpore dynamic-cluster bootstrap)
         world = int(env["MS_WORKER_NUM"])
         local_rank = int(env.get("DEVICE_ID", "0"))

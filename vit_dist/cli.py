@@ -28,7 +28,7 @@ def _start(cfg: Config, job: str):
     run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, True, _cache(),
                               training=job == "train")
     if placement.distributed:
-        bootstrap.announce_worker(run_dir, placement.rank)
+        bootstrap.announce_worker(run_dir, placement)
         print(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}",
               file=sys.stderr, flush=True)
     placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,

@@ -15,6 +15,7 @@ class Placement:
     world_size: int
     local_rank: int  # also the device id on Ascend/GPU
     local_world_size: int
+    job: str = ""  # the launcher's id of this attempt of the job (pid files, heartbeats); empty outside one
 
     @classmethod
     def single(cls) -> "Placement":

@@ -3,12 +3,10 @@ runs the same loop; the gradient all-reduce inside the step keeps the replicas e
 record writes only on rank 0."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mindspore as ms
 
-from vit_dist import bootstrap
 from vit_dist.data import pipeline
 from vit_dist.host.checkpoint_files import Progress
 from vit_dist.host.config import Config, config_digest
@@ -34,7 +32,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     per_epoch = steps_per_epoch(scan.train.num_images, dims.dp, dims.micro_batch, dims.accumulation)
     total = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch)
     rates = lr_schedule(cfg.train, per_epoch)
-    heartbeat = Heartbeat(run_dir, placement.rank, bootstrap.launch_job(os.environ))
+    heartbeat = Heartbeat(run_dir, placement.rank, placement.job)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg), heartbeat)
     start = checkpointer.restore(cfg.train.resume, record.say)
     logger = IntervalLogger(record, run, placement, cfg.train.log_interval, total, rates, start.skipped_steps)
