@@ -73,15 +73,9 @@ def test_bench_compiles_the_very_step_training_runs_with_accumulation(tmp_path, 
     config = tiny_config(tmp_path / "c.yaml", tiny_data, model={"num_classes": 3}, parallel={"grad_accumulation": 2},
                          train={"batch_size": 4, "compile_cache": str(tmp_path / "cache")})
 
-    def trains_from_the_cache() -> bool:
-        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
-        result = ok(vit_dist("train", str(config), "--set", "train.max_steps=2", f"train.output_dir={run}"))
-        return "Use the compilation cache" in result.stderr
-
-    assert not trains_from_the_cache()  # the first launch compiles (and fills the cache for the second)
-    (tmp_path / "cache").rename(tmp_path / "trained")
     ok(vit_dist("bench", str(config), "--steps", "1", "--warmup", "0", "--peak-gflops", "50", "--set", "train.max_steps=2"))
-    assert trains_from_the_cache()
+    result = ok(vit_dist("train", str(config), "--set", "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}"))
+    assert "Use the compilation cache" in result.stderr  # (a first launch says nothing of it: see above)
 
 
 def test_data_mode_times_the_input_pipeline_on_real_images(tmp_path, tiny_data):

@@ -19,9 +19,11 @@ from test_launch import LAUNCHERS, TWO_RANKS, _job, _read, _tagged_processes, _w
 from vit_dist.host.checkpoint_files import read_manifest, verified
 
 # Long (3 steps per epoch on 2 ranks, up to 3000): a signal or kill reaches it mid-run on any machine.
-# Shuffled, no augmentation (so a resumed run is exact), a checkpoint every 4 steps. A test then
-# sets train.max_steps (which leaves the learning-rate schedule as it is) to end its runs early.
-LONG = {"data": {"augment": False, "shuffle": True}, "train": {"epochs": 1000, "log_interval": 1},
+# Shuffled, with random crops, flips and stochastic depth (a resumed run must draw them all again), a
+# checkpoint every 4 steps. A test then sets train.max_steps (which leaves the learning-rate schedule
+# as it is) to end its runs early.
+LONG = {"model": {"drop_path_rate": 0.2}, "data": {"augment": True, "shuffle": True},
+        "train": {"epochs": 1000, "log_interval": 1},
         "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
 STOPPED = re.compile(r"^error: stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\); resume with: (.+)$", re.M)
 
@@ -93,7 +95,7 @@ def test_sigterm_to_one_mpirun_worker_stops_the_job_with_a_checkpoint(config, tm
 
 def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = _launcher("msrun", config, run_dir, "--max-restarts", "1", "--failure-timeout", "15") + ["train.max_steps=300"]
+    cmd = _launcher("msrun", config, run_dir, "--max-restarts", "1", "--failure-timeout", "15") + ["train.max_steps=60"]
     with _job(cmd, tmp_path / "launcher") as job:
         _wait_for(lambda: (run_dir / "checkpoints" / "step_00000004.json").exists(), job, poll=0.05)
         os.kill(worker_pid(run_dir, 1), signal.SIGKILL)
@@ -106,12 +108,12 @@ def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, tmp_pat
     assert len(restarts) == 1 and " restart 1 of 1: rank 1 exited with status -9; " in restarts[0], restarts
     assert restarts[0] in stderr
     assert "resumed from" in _read(run_dir / "logs" / "worker_0.log")
-    _same_as_uninterrupted(config, run_dir, 300)
+    _same_as_uninterrupted(config, run_dir, 60)
 
 
 def test_a_stopped_worker_ends_the_job_within_the_hang_timeout(config, tmp_path):
     run_dir = tmp_path / "run"
-    timeout = 20
+    timeout = 10
     with _job(_launcher("msrun", config, run_dir, "--hang-timeout", str(timeout)), tmp_path / "launcher") as job:
         _when_training(run_dir, job)
         os.kill(worker_pid(run_dir, 1), signal.SIGSTOP)  # the cleanup's SIGKILL ends it if the launcher does not

@@ -88,9 +88,10 @@ def load_weights(net, path: str | Path) -> None:
 def load_pretrained(net, path: str | Path, say) -> None:
     """Fine-tuning start: loads the model parameters the file has, with their shapes, and reports
     the rest. A head of another class count is re-initialised (the model's fresh one is kept); any
-    other shape mismatch is an error, since training from a half-loaded body would go unnoticed."""
+    other shape mismatch is an error, since training from a half-loaded body would go unnoticed.
+    Only the weights (trainable parameters) count: a backend's draw counters start afresh."""
     saved = _read(Path(path))
-    params = {p.name: p for p in net.get_parameters()}
+    params = {p.name: p for p in net.trainable_params()}
     wrong_shape = sorted(n for n in params.keys() & saved.keys() if tuple(saved[n].shape) != tuple(params[n].shape))
     body_mismatch = [n for n in wrong_shape if not n.startswith("head.")]
     if body_mismatch:
