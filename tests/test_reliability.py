@@ -60,17 +60,26 @@ def _stopped_checkpoint(stderr: str) -> tuple[int, Path, str]:
     return step, path, match[3]
 
 
-def test_sigterm_to_the_msrun_launcher_saves_and_resumes_exactly(config, tmp_path):
+def _terminated(launcher: str, config: Path, tmp_path: Path, send_sigterm) -> tuple[int, Path, str]:
+    """Starts a 2-rank job, sends SIGTERM (send_sigterm(job, run_dir)) once it trains, and checks that the
+    job ends with 143, nothing left running, and one line naming its verified checkpoint; returns
+    (step, checkpoint, resume command)."""
     run_dir = tmp_path / "run"
-    with _job(_launcher("msrun", config, run_dir), tmp_path / "launcher") as job:
+    with _job(_launcher(launcher, config, run_dir), tmp_path / "launcher") as job:
         _when_training(run_dir, job)
-        job.send_signal(signal.SIGTERM)  # to the launcher alone: it passes it on
+        send_sigterm(job, run_dir)
         status = job.wait(timeout=180)
         leftovers = _tagged_processes(job.tag)
     stderr = _read(tmp_path / "launcher.err")
     assert status == 143, stderr[-3000:]
     assert leftovers == []
-    step, path, resume = _stopped_checkpoint(stderr)
+    return _stopped_checkpoint(stderr)
+
+
+def test_sigterm_to_the_msrun_launcher_saves_and_resumes_exactly(config, tmp_path):
+    run_dir = tmp_path / "run"
+    # To the launcher alone: it passes it on.
+    step, path, resume = _terminated("msrun", config, tmp_path, lambda job, _: job.send_signal(signal.SIGTERM))
     assert step >= 3 and last_checkpoint(run_dir) == path  # the step both ranks agreed on
     assert resume == " ".join(map(shlex.quote, _launcher("msrun", config, run_dir)[1:] +
                                   ["--set", "train.resume=auto", f"train.output_dir={run_dir}"]))
@@ -80,17 +89,9 @@ def test_sigterm_to_the_msrun_launcher_saves_and_resumes_exactly(config, tmp_pat
 
 
 def test_sigterm_to_one_mpirun_worker_stops_the_job_with_a_checkpoint(config, tmp_path):
-    run_dir = tmp_path / "run"
-    with _job(_launcher("mpirun", config, run_dir), tmp_path / "launcher") as job:
-        _when_training(run_dir, job)
-        os.kill(worker_pid(run_dir, 1), signal.SIGTERM)
-        status = job.wait(timeout=180)
-        leftovers = _tagged_processes(job.tag)
-    stderr = _read(tmp_path / "launcher.err")
-    assert status == 143, stderr[-3000:]
-    assert leftovers == []
-    step, path, _ = _stopped_checkpoint(stderr)
-    assert (run_dir / "logs" / "stopped").read_text() == f"SIGTERM {step} {path}\n"
+    step, path, _ = _terminated("mpirun", config, tmp_path,
+                                lambda _, run_dir: os.kill(worker_pid(run_dir, 1), signal.SIGTERM))
+    assert (tmp_path / "run" / "logs" / "stopped").read_text() == f"SIGTERM {step} {path}\n"
 
 
 def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, tmp_path):

@@ -123,7 +123,10 @@ class _Worker:
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
-        self.process.stdin.close()
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:  # it died before reading its chunk, which stays unflushed: nothing to send to
+            pass
         self.process.stdout.close()
 
 
