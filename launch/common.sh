@@ -395,6 +395,19 @@ restart_or_exit() {
         -1 "$attempt" "$max_restarts" "$why"
     echo "$line" >&2
     echo "$line" >>"$log_dir/restarts.log"
+    keep_attempt_logs $((attempt - 1))
+}
+
+# The next attempt writes its logs afresh, so the last attempt's move to RUN_DIR/logs/attempt_<k>/ (as
+# torchrun keeps attempt_<k>): the failure they hold is what a user reads first.
+keep_attempt_logs() {
+    local kept="$log_dir/attempt_$1" file
+    mkdir -p "$kept"
+    for file in "$log_dir"/*.log; do
+        if [[ -f $file && ! -L $file && $file != "$log_dir/restarts.log" ]]; then
+            mv -f -- "$file" "$kept/" 2>/dev/null || true  # another node's launcher may have moved it
+        fi
+    done
 }
 
 # After a stop on a signal (to the launcher, or to a worker: then rank 0's RUN_DIR/logs/stopped says

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import vit_model, worst_relative_difference
 from vit_dist.host.config import load_config
+from vit_dist.host.errors import ConfigError
 
 TINY = ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.depth=2", "model.drop_path_rate=0",
         "parallel.device_target=CPU"]
@@ -156,4 +157,6 @@ def test_only_float32_cpu_training_is_fused_and_a_missing_compiler_falls_back(tm
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)  # writable by anyone: another user could swap the library
-    assert build_library(cache_dir=shared) is None and list(shared.iterdir()) == []
+    with pytest.raises(ConfigError, match=r"the fused CPU kernels' cache folder .* is not yours alone.*fused_cpu_kernels=false"):
+        build_library(cache_dir=shared)
+    assert list(shared.iterdir()) == []

@@ -51,10 +51,10 @@ def test_drop_path_drops_whole_samples_in_training_only(kind):
     """The stock DropPath (Ascend, GPU) and the CPU backend's, whose draws are counted (and so resume)."""
     import mindspore as ms
 
-    from vit_dist.backends.cpu.random import CountedDropPath
+    from vit_dist.backends.cpu.random import CountedDrop
     from vit_dist.models.vit import DropPath
 
-    drop = DropPath(0.5) if kind == "stock" else CountedDropPath(0.5, seed=3)
+    drop = DropPath(0.5) if kind == "stock" else CountedDrop(0.5, seed=3, per_sample=True)
     x = ms.Tensor(np.ones((64, 3, 4), np.float32))
     drop.set_train(True)
     out = drop(x).asnumpy()
@@ -67,6 +67,29 @@ def test_drop_path_drops_whole_samples_in_training_only(kind):
         np.testing.assert_array_equal(drop(x).asnumpy(), out)
     drop.set_train(False)
     assert (drop(x).asnumpy() == 1.0).all()
+
+
+def test_counted_dropout_drops_elements_at_its_rate_and_draws_again_from_a_restored_count():
+    """The CPU backend's dropout: independent elements, survivors scaled by 1/keep like nn.Dropout's."""
+    import mindspore as ms
+
+    from vit_dist.backends.cpu.random import counted_layers
+
+    dropout, _ = counted_layers(seed=0, rank=0)
+    drop = dropout(0.25)
+    x = ms.Tensor(np.ones((16, 50, 40), np.float32))
+    drop.set_train(True)
+    out = drop(x).asnumpy()
+    assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
+    assert abs((out == 0).mean() - 0.25) < 0.01  # 32000 draws: 5 standard deviations is 0.012
+    assert not (out == out[:, :1, :1]).all()  # not per sample
+    assert not np.array_equal(drop(x).asnumpy(), out)
+    drop.draws.set_data(ms.Tensor(0, ms.int64))
+    np.testing.assert_array_equal(drop(x).asnumpy(), out)
+    other = dropout(0.25)
+    other.set_train(True)
+    assert not np.array_equal(other(x).asnumpy(), out)  # the next layer has a seed of its own
+    assert type(dropout(0.0)).__name__ == "Dropout"  # no draw count where nothing is drawn
 
 
 def straightforward_logits(net, images):

@@ -19,10 +19,11 @@ from test_launch import LAUNCHERS, TWO_RANKS, _job, _read, _tagged_processes, _w
 from vit_dist.host.checkpoint_files import read_manifest, verified
 
 # Long (3 steps per epoch on 2 ranks, up to 3000): a signal or kill reaches it mid-run on any machine.
-# Shuffled, with random crops, flips and stochastic depth (a resumed run must draw them all again), a
-# checkpoint every 4 steps. A test then sets train.max_steps (which leaves the learning-rate schedule
-# as it is) to end its runs early.
-LONG = {"model": {"drop_path_rate": 0.2}, "data": {"augment": True, "shuffle": True},
+# Shuffled, with random crops, flips, dropout, attention dropout and stochastic depth (a resumed run must
+# draw them all again), a checkpoint every 4 steps. A test then sets train.max_steps (which leaves the
+# learning-rate schedule as it is) to end its runs early.
+LONG = {"model": {"drop_path_rate": 0.2, "dropout": 0.1, "attention_dropout": 0.1},
+        "data": {"augment": True, "shuffle": True},
         "train": {"epochs": 1000, "log_interval": 1},
         "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
 STOPPED = re.compile(r"^error: stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\); resume with: (.+)$", re.M)
@@ -33,12 +34,25 @@ def config(tiny_data, tmp_path_factory) -> Path:
     return tiny_config(tmp_path_factory.mktemp("reliability") / "long.yaml", tiny_data, **LONG)
 
 
-def _same_as_uninterrupted(config: Path, run_dir: Path, steps: int) -> None:
-    """run_dir ends as the 2-rank job of `steps` steps run without interruption."""
-    whole = run_dir.parent / "uninterrupted"
-    ok(msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={whole}", f"train.max_steps={steps}"))
-    assert last_checkpoint(run_dir).name == last_checkpoint(whole).name == f"step_{steps:08d}.safetensors"
-    worst = worst_relative_difference(load_params(last_checkpoint(run_dir)), load_params(last_checkpoint(whole)))
+# The uninterrupted reference's length: a stop lands within a few steps of step 3 on any machine.
+REFERENCE_STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory) -> Path:
+    """The run directory of the 2-rank job run for REFERENCE_STEPS steps without interruption, with a
+    checkpoint at every step: the result each interrupted job must end with, at its own last step."""
+    whole = tmp_path_factory.mktemp("uninterrupted") / "run"
+    ok(msrun("--ranks-per-node", "2", str(config), "--set", f"train.output_dir={whole}",
+             f"train.max_steps={REFERENCE_STEPS}", "checkpoint.every_n_steps=1", f"checkpoint.keep_last={REFERENCE_STEPS}"))
+    return whole
+
+
+def _same_as_uninterrupted(uninterrupted: Path, run_dir: Path, steps: int) -> None:
+    """run_dir ends as the uninterrupted 2-rank job stood after `steps` steps."""
+    assert steps <= REFERENCE_STEPS and last_checkpoint(run_dir).name == f"step_{steps:08d}.safetensors"
+    reference = uninterrupted / "checkpoints" / f"step_{steps:08d}.safetensors"
+    worst = worst_relative_difference(load_params(last_checkpoint(run_dir)), load_params(reference))
     assert worst[0] < 1e-5, worst
 
 
@@ -76,7 +90,7 @@ def _terminated(launcher: str, config: Path, tmp_path: Path, send_sigterm) -> tu
     return _stopped_checkpoint(stderr)
 
 
-def test_sigterm_to_the_msrun_launcher_saves_and_resumes_exactly(config, tmp_path):
+def test_sigterm_to_the_msrun_launcher_saves_and_resumes_exactly(config, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     # To the launcher alone: it passes it on.
     step, path, resume = _terminated("msrun", config, tmp_path, lambda job, _: job.send_signal(signal.SIGTERM))
@@ -85,7 +99,7 @@ def test_sigterm_to_the_msrun_launcher_saves_and_resumes_exactly(config, tmp_pat
                                   ["--set", "train.resume=auto", f"train.output_dir={run_dir}"]))
     resumed = ok(run(["bash", *shlex.split(resume), f"train.max_steps={step + 3}"]))
     assert f"resumed from {path}: step {step}" in resumed.stderr + resumed.stdout
-    _same_as_uninterrupted(config, run_dir, step + 3)
+    _same_as_uninterrupted(uninterrupted, run_dir, step + 3)
 
 
 def test_sigterm_to_one_mpirun_worker_stops_the_job_with_a_checkpoint(config, tmp_path):
@@ -94,7 +108,7 @@ def test_sigterm_to_one_mpirun_worker_stops_the_job_with_a_checkpoint(config, tm
     assert (tmp_path / "run" / "logs" / "stopped").read_text() == f"SIGTERM {step} {path}\n"
 
 
-def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, tmp_path):
+def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     cmd = _launcher("msrun", config, run_dir, "--max-restarts", "1", "--failure-timeout", "15") + ["train.max_steps=60"]
     with _job(cmd, tmp_path / "launcher") as job:
@@ -109,7 +123,10 @@ def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, tmp_pat
     assert len(restarts) == 1 and " restart 1 of 1: rank 1 exited with status -9; " in restarts[0], restarts
     assert restarts[0] in stderr
     assert "resumed from" in _read(run_dir / "logs" / "worker_0.log")
-    _same_as_uninterrupted(config, run_dir, 60)
+    first = run_dir / "logs" / "attempt_0"  # the killed attempt's logs, kept beside the restart's
+    assert "step 4/60" in _read(first / "worker_0.log") and "resumed from" not in _read(first / "worker_0.log")
+    assert (first / "worker_1.log").is_file()
+    _same_as_uninterrupted(uninterrupted, run_dir, 60)
 
 
 def test_a_stopped_worker_ends_the_job_within_the_hang_timeout(config, tmp_path):

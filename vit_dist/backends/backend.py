@@ -4,7 +4,7 @@ fused kernels, the sleeping host thread, idle priority, stochastic depth drawn f
 apply there only; on Ascend and GPU the model runs MindSpore's stock layers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from vit_dist.host.config import Config
@@ -34,10 +34,11 @@ def backend_for(cfg: Config, placement: Placement, say: Callable[[str], None], p
         return Backend(cfg.parallel.device_target, ViTLayers(), fused=False)
     from vit_dist.backends.cpu import kernels
     from vit_dist.backends.cpu.host import cpu_threads
-    from vit_dist.backends.cpu.random import counted_drop_path
+    from vit_dist.backends.cpu.random import counted_layers
 
     # Masks a resumed run draws again (MindSpore's Dropout kernel restarts its random state).
-    stock = ViTLayers(drop_path=counted_drop_path(cfg.train.seed, placement.rank))
+    dropout, drop_path = counted_layers(cfg.train.seed, placement.rank)
+    stock = ViTLayers(dropout=dropout, drop_path=drop_path)
     library = kernels.build_library() if cfg.parallel.fused_cpu_kernels else None
     if library is None:
         if cfg.parallel.fused_cpu_kernels:
@@ -49,5 +50,4 @@ def backend_for(cfg: Config, placement: Placement, say: Callable[[str], None], p
     if cfg.precision.amp_level != "O0":  # the kernels are float32
         return Backend("CPU", stock, fused=False, signal=signal)
     threads = cpu_threads(cfg.parallel.threads_per_rank, placement.local_world_size)
-    fused = kernels.fused_layers(kernels.custom_ops(library, threads))
-    return Backend("CPU", replace(fused, drop_path=stock.drop_path), fused=True, signal=signal)
+    return Backend("CPU", kernels.fused_layers(kernels.custom_ops(library, threads), stock), fused=True, signal=signal)

@@ -62,6 +62,11 @@ def layer_norm(spec: ViTSpec) -> nn.LayerNorm:
     return nn.LayerNorm((spec.embed_dim,), epsilon=spec.layer_norm_eps)
 
 
+def dropout(drop_prob: float) -> nn.Cell:
+    """The stock dropout layer of the seam."""
+    return nn.Dropout(p=drop_prob)
+
+
 class DropPath(nn.Cell):
     """Stochastic depth: drops a whole residual branch per sample, scaling survivors by 1/keep."""
 
@@ -101,7 +106,7 @@ class Attention(nn.Cell):
     """Multi-head self-attention. Separate q/k/v projections: splitting one fused qkv output costs a
     strided slice per head group, which is slow on CPU and gains nothing on accelerators."""
 
-    def __init__(self, spec: ViTSpec):
+    def __init__(self, spec: ViTSpec, dropout: Callable[[float], nn.Cell] = dropout):
         super().__init__()
         dim = spec.embed_dim
         self.num_heads = spec.num_heads
@@ -114,8 +119,8 @@ class Attention(nn.Cell):
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.context = ops.BatchMatMul()
         self.softmax = nn.Softmax(axis=-1)
-        self.attn_drop = nn.Dropout(p=spec.attention_dropout)
-        self.out_drop = nn.Dropout(p=spec.dropout)
+        self.attn_drop = dropout(spec.attention_dropout)
+        self.out_drop = dropout(spec.dropout)
 
     def _heads(self, x, b, t):
         return x.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, T, hd)
@@ -131,12 +136,12 @@ class Attention(nn.Cell):
 
 
 class Mlp(nn.Cell):
-    def __init__(self, spec: ViTSpec):
+    def __init__(self, spec: ViTSpec, dropout: Callable[[float], nn.Cell] = dropout):
         super().__init__()
         self.fc1 = Linear(spec.embed_dim, spec.mlp_dim)
         self.act = nn.GELU(approximate=True) if spec.gelu_approximate else GELU()
         self.fc2 = Linear(spec.mlp_dim, spec.embed_dim)
-        self.drop = nn.Dropout(p=spec.dropout)
+        self.drop = dropout(spec.dropout)
 
     def construct(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -147,9 +152,10 @@ class ViTLayers:
     """The seam: each field builds one layer from the spec. A replacement keeps the stock layer's
     Parameters and their names (checkpoints and shard strategies refer to them) and its mathematics."""
     norm: Callable[[ViTSpec], nn.Cell] = layer_norm  # over the last axis: norm1, norm2 and the final norm
-    attention: Callable[[ViTSpec], nn.Cell] = Attention
-    mlp: Callable[[ViTSpec], nn.Cell] = Mlp
+    attention: Callable[[ViTSpec, Callable], nn.Cell] = Attention  # (spec, the seam's dropout factory)
+    mlp: Callable[[ViTSpec, Callable], nn.Cell] = Mlp
     drop_path: Callable[[float], nn.Cell] = DropPath  # from the block's drop probability
+    dropout: Callable[[float], nn.Cell] = dropout  # from a drop probability: the model's and attention's dropout
 
 
 class Block(nn.Cell):
@@ -158,9 +164,9 @@ class Block(nn.Cell):
     def __init__(self, spec: ViTSpec, drop_path: float, layers: ViTLayers):
         super().__init__()
         self.norm1 = layers.norm(spec)
-        self.attn = layers.attention(spec)
+        self.attn = layers.attention(spec, layers.dropout)
         self.norm2 = layers.norm(spec)
-        self.mlp = layers.mlp(spec)
+        self.mlp = layers.mlp(spec, layers.dropout)
         self.drop_path = layers.drop_path(drop_path)
 
     def construct(self, x):
@@ -176,7 +182,7 @@ class VisionTransformer(nn.Cell):
         self.cls_token = Parameter(initializer(Zero(), (1, 1, spec.embed_dim), ms.float32), name="cls_token")
         self.pos_embed = Parameter(initializer(TruncatedNormal(0.02), (1, spec.num_patches + 1, spec.embed_dim),
                                                ms.float32), name="pos_embed")
-        self.pos_drop = nn.Dropout(p=spec.dropout)
+        self.pos_drop = layers.dropout(spec.dropout)
         # Stochastic depth grows linearly with depth, from 0 at the first block.
         rates = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
         self.blocks = nn.SequentialCell([Block(spec, rate, layers) for rate in rates])

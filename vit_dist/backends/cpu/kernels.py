@@ -16,15 +16,17 @@ import platform
 import subprocess
 import tempfile
 import time
-from pathlib import Path
+from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from vit_dist.host.private import is_private
+from vit_dist.host.atomic import atomic_path
+from vit_dist.host.private import is_private, private_folder
 from vit_dist.models.spec import ViTSpec
 from vit_dist.models.vit import Attention, Mlp, ViTLayers
 
@@ -41,29 +43,26 @@ COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread"]
 def build_library(compiler: str = "g++", cache_dir: Optional[Path] = None) -> Optional[Path]:
     """Compiles kernels.cc once per source, compiler and host (-march=native) into cache_dir (a
     per-user folder under the temporary directory by default) and returns the library, or None if
-    no build succeeds or the folder is not private to this user. Concurrent ranks each write a
-    temporary file and rename it into place."""
+    no build succeeds. The folder must be the user's own (the library is loaded and run): otherwise
+    ConfigError. Concurrent ranks each build into an exclusive temporary file renamed into place."""
     key = hashlib.sha256(SOURCE.read_bytes() + f"{compiler} {BUILDS} {platform.node()}".encode()).hexdigest()[:16]
-    folder = cache_dir or Path(tempfile.gettempdir()) / f"vit-dist-kernels-{os.getuid()}"
+    folder = private_folder(cache_dir or Path(tempfile.gettempdir()) / f"vit-dist-kernels-{os.getuid()}",
+                            "the fused CPU kernels' cache", "remove it, or set parallel.fused_cpu_kernels=false")
     library = folder / f"cpu_kernels-{key}.so"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not is_private(folder) or (library.exists() and not is_private(library)):
-        return None
-    if library.is_file():
+    if library.is_file() and not library.is_symlink() and is_private(library):
         return library
-    tmp = library.with_suffix(f".{os.getpid()}.tmp")
-    for flags in BUILDS:
-        try:
-            built = subprocess.run([compiler, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE), *flags, "-lm"],
-                                   capture_output=True, timeout=120).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            built = False
-        if built:
-            tmp.chmod(0o700)
-            os.replace(tmp, library)
-            return library
-    tmp.unlink(missing_ok=True)
-    return None
+    return library if any(_build(compiler, flags, library) for flags in BUILDS) else None
+
+
+def _build(compiler: str, flags: list[str], library: Path) -> bool:
+    """One build into an exclusive temporary file, renamed to `library` if the compiler succeeds."""
+    try:
+        with atomic_path(library, durable=False) as tmp:
+            subprocess.run([compiler, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE), *flags, "-lm"],
+                           capture_output=True, timeout=120, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
 
 
 def custom_ops(library: Path, threads: int) -> dict:
@@ -121,8 +120,8 @@ class FusedAttention(Attention):
     """Attention through the fused op, q, k and v from one MatMul over their weights side by side (the
     Parameters stay query/key/value/out); the scale is passed once per head. No attention dropout."""
 
-    def __init__(self, spec: ViTSpec, fused):
-        super().__init__(spec)
+    def __init__(self, spec: ViTSpec, fused, dropout: Callable[[float], nn.Cell]):
+        super().__init__(spec, dropout)
         self.fused = fused
         self.head_scale = ms.Tensor(np.full(self.num_heads, self.scale, np.float32))
 
@@ -137,8 +136,8 @@ class FusedAttention(Attention):
 class FusedMlp(Mlp):
     """Mlp with fc1's bias added inside the fused exact GELU."""
 
-    def __init__(self, spec: ViTSpec, fused):
-        super().__init__(spec)
+    def __init__(self, spec: ViTSpec, fused, dropout: Callable[[float], nn.Cell]):
+        super().__init__(spec, dropout)
         self.fused = fused
 
     def construct(self, x):
@@ -147,17 +146,20 @@ class FusedMlp(Mlp):
         return self.drop(out.reshape(x.shape[:-1] + (-1,)))
 
 
-def fused_layers(ops_by_name: dict) -> ViTLayers:
+def fused_layers(ops_by_name: dict, stock: ViTLayers = ViTLayers()) -> ViTLayers:
     """The seam's layers on the fused ops: every LayerNorm; attention where it has no attention
-    dropout and the MLP where its GELU is the exact one (the kernels compute neither alternative)."""
+    dropout and the MLP where its GELU is the exact one (the kernels compute neither alternative);
+    the rest, and dropout and drop path, as in `stock`."""
 
-    def attention(spec: ViTSpec) -> nn.Cell:
-        return FusedAttention(spec, ops_by_name["attention"]) if spec.attention_dropout == 0 else Attention(spec)
+    def attention(spec: ViTSpec, dropout: Callable[[float], nn.Cell]) -> nn.Cell:
+        if spec.attention_dropout:
+            return stock.attention(spec, dropout)
+        return FusedAttention(spec, ops_by_name["attention"], dropout)
 
-    def mlp(spec: ViTSpec) -> nn.Cell:
-        return Mlp(spec) if spec.gelu_approximate else FusedMlp(spec, ops_by_name["bias_gelu"])
+    def mlp(spec: ViTSpec, dropout: Callable[[float], nn.Cell]) -> nn.Cell:
+        return stock.mlp(spec, dropout) if spec.gelu_approximate else FusedMlp(spec, ops_by_name["bias_gelu"], dropout)
 
-    return ViTLayers(norm=partial(FusedLayerNorm, fused=ops_by_name["layer_norm"]), attention=attention, mlp=mlp)
+    return replace(stock, norm=partial(FusedLayerNorm, fused=ops_by_name["layer_norm"]), attention=attention, mlp=mlp)
 
 
 class StepSignal:
