@@ -10,7 +10,7 @@ master_addr=127.0.0.1
 # same variable bounds (large Ascend clusters need those).
 failure_timeout=${VIT_DIST_FAILURE_TIMEOUT:-}
 declare -A BACKENDS=([Ascend]=HCCL [GPU]=NCCL [CPU]=MCCL)
-device_target=""  # the config's, as pre-flight reads it
+device_target=""  # the config's, as pre-flight resolves it (auto: the device MindSpore finds)
 # Launcher option -> the variable its value goes to; each launcher adds its own.
 declare -A OPTIONS=()
 # Launcher switch (no value) -> the variable set to 1 when it is given.
@@ -204,11 +204,12 @@ print_failure_timeout() {
     summary_line "failure timeout" "$timeout: a worker silent this long ends the job"
 }
 
-# The worker command every launcher starts, writing into the run directory pre-flight resolved; a
-# restart resumes from the newest verified checkpoint there, if the run has saved one.
+# The worker command every launcher starts, writing into the run directory and on the device pre-flight
+# resolved (a dry run resolves no device); a restart resumes from the newest verified checkpoint there,
+# if the run has saved one.
 worker_command() {
     worker_cmd=("$ROOT/launch/worker.py" "$subcommand" "$config" ${worker_args[@]+"${worker_args[@]}"}
-        --set "train.output_dir=$run_dir")
+        --set "train.output_dir=$run_dir" ${device_target:+"parallel.device_target=$device_target"})
     if ((attempt > 0)) && compgen -G "$run_dir/checkpoints/step_*.json" >/dev/null; then
         worker_cmd+=(train.resume=auto)
     fi

@@ -24,6 +24,13 @@ rank_count_hint="use --ranks N (mpirun.sh starts N ranks in all, placed by mpiru
 parse_command_line "$@"
 [[ -n $ranks ]] || fail "--ranks N is required: the ranks mpirun starts in all"
 put_python_first_on_path
+command -v mpirun >/dev/null ||
+    fail "mpirun not found beside $PYTHON or on PATH; install OpenMPI and mpi4py with: bash launch/install.sh mpi"
+# OpenMPI refuses root in a screenful; the two variables are the user's decision, so they are named, not set.
+if ((EUID == 0)) && [[ ${OMPI_ALLOW_RUN_AS_ROOT:-} != 1 || ${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-} != 1 ]]; then
+    fail "OpenMPI refuses to run as root: run as another user, or allow it with" \
+        "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $0 ..."
+fi
 preflight "$ranks" 1
 print_summary mpirun "$ranks" "${hostfile:+hosts of $hostfile, as mpirun places the ranks}${hostfile:-this host}" \
     scheduler "$master_addr, on a free port rank 0 picks"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vit_dist.host.config import ConfigError, dump_yaml, load_config
+from vit_dist.host.config import ConfigError, dump_yaml, load_config, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -53,7 +53,8 @@ def test_unknown_section_and_override_key():
     ("data.crop_scale=0.5", r"data\.crop_scale must be a list of 2 numbers"),
     ("model.variant=xl", r"model\.variant 'xl' is unknown; use one of ti, s, b, l, h"),
     ("data.image_size=100", r"data\.image_size 100 is not divisible by model\.patch_size 16"),
-    ("parallel.device_target=TPU", r"parallel\.device_target 'TPU' is not supported; use one of CPU, GPU, Ascend"),
+    ("parallel.device_target=TPU",
+     r"parallel\.device_target 'TPU' is not supported; use one of auto, Ascend, GPU, CPU"),
     ("model.num_heads=5", r"model\.embed_dim 768 is not divisible by model\.num_heads 5"),
     ("train.batch_size=0", r"train\.batch_size must be at least 1"),
     # NaN and infinities (YAML's .nan, .inf) are numbers to the parser, never a usable value.
@@ -70,6 +71,18 @@ def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value)
+
+
+def test_the_device_checks_wait_for_auto_to_be_resolved():
+    """auto is the default; what depends on the device is checked again once the bootstrap resolved it."""
+    cfg = load_config(None, ["parallel.mode=semi_auto", "precision.amp_level=O2", "precision.dtype=bfloat16"])
+    assert cfg.parallel.device_target == "auto"
+    cfg.parallel.device_target = "CPU"
+    with pytest.raises(ConfigError, match=r"precision\.dtype bfloat16 has no CPU kernels"):
+        validate(cfg)
+    cfg.precision.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"parallel\.mode semi_auto needs parallel\.device_target Ascend or GPU"):
+        validate(cfg)
 
 
 def test_malformed_override_and_yaml(tmp_path):

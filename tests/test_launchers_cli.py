@@ -1,12 +1,14 @@
 """The three launchers' command lines, which end before any process starts: one meaning for the rank
-counts, numbers checked before bash computes with them, and one line with exit status 2 for every
-user error."""
+counts, numbers checked before bash computes with them, one line with exit status 2 for every user
+error, and for what stops mpirun.sh before mpirun would (no mpirun, root without OpenMPI's consent)."""
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run, tool_env
+from conftest import MPI_AS_ROOT, PYTHON, ROOT, run, tool_env
 
 LAUNCH = ROOT / "launch"
 TABLE = str(ROOT / "rank_tables" / "rank_table_1server_8dev.json")
@@ -120,3 +122,26 @@ def test_the_usage_is_the_header_and_exits_2(launcher):
     result = launch(launcher, "--help")
     assert result.returncode == 2
     assert f"launch/{launcher} " in result.stderr and not result.stderr.startswith("#")
+
+
+def test_mpirun_sh_without_mpirun_names_the_install(tmp_path):
+    """A Python whose environment has no mpirun (no mpi extra) and none on PATH: one line, not bash's 127."""
+    if shutil.which("mpirun", path="/usr/bin:/bin"):
+        pytest.skip("this machine has a system mpirun")
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.symlink_to(PYTHON)
+    result = run(["bash", str(LAUNCH / "mpirun.sh"), *REST["mpirun.sh"]], timeout=60,
+                 env=dict(tool_env(), PYTHON=str(python), PATH="/usr/bin:/bin"))
+    assert_refused(result, f"error: mpirun not found beside {python} or on PATH; install OpenMPI and mpi4py with: "
+                           "bash launch/install.sh mpi")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="OpenMPI's refusal concerns root only")
+def test_mpirun_sh_as_root_names_the_two_variables_before_starting_mpirun():
+    env = tool_env()
+    for name in MPI_AS_ROOT:
+        env.pop(name, None)
+    result = run(["bash", str(LAUNCH / "mpirun.sh"), *REST["mpirun.sh"]], timeout=60, env=env)
+    assert_refused(result, "error: OpenMPI refuses to run as root: run as another user, or allow it with "
+                           f"OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 {LAUNCH / 'mpirun.sh'} ...")

@@ -418,7 +418,8 @@ def test_launcher_workers_share_one_run_directory(standin: Standin) -> None:
     assert run_dir.parent == runs and [p.name for p in runs.iterdir()] == [run_dir.name]
     for rank in range(4):
         log = (run_dir / "logs" / f"worker_{rank}.log").read_text()
-        assert log == f"rank {rank} args ['train', '{standin.config}', '--set', 'train.output_dir={run_dir}']\n"
+        assert log == (f"rank {rank} args ['train', '{standin.config}', '--set', 'train.output_dir={run_dir}', "
+                       "'parallel.device_target=CPU']\n")  # the device as the pre-flight resolved it
     assert "rank 0 args" in result.stdout  # the first local worker on the console
     assert result.stdout.splitlines()[-1] == f"all 4 workers of server 0 finished; logs in {run_dir}/logs"
 

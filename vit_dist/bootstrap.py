@@ -1,13 +1,16 @@
-"""The bootstrap layer: the process's place in the job, read from the environment once; the mpirun
-bootstrap of MindSpore's cluster; the scheduler role; the backend brought up.
+"""The bootstrap layer: the process's place in the job, read from the environment once; the device
+(parallel.device_target auto resolved); the mpirun bootstrap of MindSpore's cluster; the scheduler
+role; the backend brought up; rank 0's run directory shared with ranks started without one.
 
 This is the only module that reads launcher environment variables. Everything below it receives
-a `Placement`. It imports MindSpore only inside init_backend, after the mpirun bootstrap.
+a `Placement`. It imports MindSpore only inside functions: to ask which devices it can load (never
+in an mpirun rank before its join), and in init_backend, after the mpirun bootstrap.
 """
 from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -18,7 +21,10 @@ from pathlib import Path
 from typing import Mapping
 
 from vit_dist.host.atomic import write_atomic
+from vit_dist.host.config import AUTO_DEVICE, DEVICES
+from vit_dist.host.errors import ConfigError
 from vit_dist.host.placement import Placement
+from vit_dist.host.run_record import PIDS_DIR
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
 # Under mpirun: the address rank 0 starts MindSpore's scheduler on (launch/mpirun.sh --master-addr).
@@ -36,13 +42,10 @@ NODE_TIMEOUT = "MS_NODE_TIMEOUT"
 MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 
 
-# RUN_DIR/logs/pids/<pid> holds "RANK JOB" of the worker with that pid: a launcher told only the pid
-# of a dead worker (msrun) finds its rank there, and a launcher passing on a signal finds its workers.
-PIDS_DIR = ("logs", "pids")
-
-
 def announce_worker(run_dir, placement: Placement) -> None:
-    """Writes RUN_DIR/logs/pids/<this pid> = "rank job" (under msrun across nodes the rank is provisional)."""
+    """Writes RUN_DIR/logs/pids/<this pid> = "rank job" (under msrun across nodes the rank is provisional):
+    a launcher told only the pid of a dead worker (msrun) finds its rank there, and a launcher passing
+    on a signal finds its workers."""
     folder = Path(run_dir).joinpath(*PIDS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / str(os.getpid()), f"{placement.rank} {placement.job}\n")
@@ -161,6 +164,65 @@ def _stop_scheduler(scheduler: subprocess.Popen, node_timeout: float) -> None:
             pass
     scheduler.kill()
     scheduler.wait()
+
+
+# What MindSpore needs to load a device's backend, on a server that has the device.
+DEVICE_NEEDS = {"Ascend": "on an Ascend server, source CANN's set_env.sh before starting",
+                "GPU": "on a GPU server, put the CUDA libraries MindSpore needs on LD_LIBRARY_PATH"}
+
+
+def resolve_device_target(requested: str, placement: Placement) -> str:
+    """The device the run uses: `auto` becomes the first of Ascend, GPU and CPU that this MindSpore can
+    load; an explicit target it cannot load is one ConfigError naming those it can. CPU, which every
+    MindSpore package has, is taken without asking (asking imports MindSpore: seconds). An mpirun rank
+    may import MindSpore only after join_mpi_job, so there an explicit target passes unasked and auto
+    is refused (launch/mpirun.sh's pre-flight resolves and checks it for its ranks)."""
+    if requested == "CPU":
+        return requested
+    if placement.launcher == "mpirun" and placement.distributed:
+        if requested == AUTO_DEVICE:
+            raise ConfigError("parallel.device_target auto cannot be resolved in an mpirun rank before it joins "
+                              "the job; start it with launch/mpirun.sh, which resolves it, or name the device "
+                              f"with --set parallel.device_target={'|'.join(DEVICES)}")
+        return requested
+    available = available_devices()
+    if requested == AUTO_DEVICE:
+        return available[0]
+    if requested not in available:
+        choices = [AUTO_DEVICE, *available]
+        raise ConfigError(f"parallel.device_target {requested} is not available (this MindSpore can load "
+                          f"{', '.join(available)}); set parallel.device_target={', '.join(choices[:-1])} or "
+                          f"{choices[-1]}, or {DEVICE_NEEDS[requested]}")
+    return requested
+
+
+def available_devices() -> list[str]:
+    """The backends this MindSpore package can load, in auto's order (MindSpore's documented
+    device_context.<device>.is_available(): the plugin loaded at import, no device initialised)."""
+    import mindspore.device_context as devices
+
+    # is_available() logs a warning of several lines for each backend that is missing; the caller says
+    # what matters in one line. (vit-dist disables no logging anywhere else.)
+    logging.disable(logging.WARNING)
+    try:
+        return [name for name in DEVICES if getattr(devices, name.lower()).is_available()]
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def rank_0s_run_dir(run_dir: Path, placement: Placement) -> Path:
+    """Rank 0's run directory, on every rank, for ranks started without train.output_dir (plain msrun),
+    each of which named one of its own before the ranks could talk; call it after init_backend. The
+    absolute path travels as bytes, summed over the ranks with only rank 0's non-zero."""
+    import numpy as np
+
+    from vit_dist.parallel.data_parallel import all_reduce_sum
+
+    name = os.fsencode(run_dir.resolve()) if placement.is_main else b""
+    buffer = np.zeros(os.pathconf("/", "PC_PATH_MAX"), np.float32)  # float32 holds every byte value exactly
+    buffer[:len(name)] = np.frombuffer(name, np.uint8)
+    total = all_reduce_sum(buffer, placement)
+    return Path(os.fsdecode(total.astype(np.uint8).tobytes().rstrip(b"\0")))
 
 
 def enable_compile_cache(path: str) -> None:

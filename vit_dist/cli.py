@@ -10,31 +10,71 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from vit_dist import __version__, bootstrap
-from vit_dist.host.config import Config, compile_cache_dir, load_config
+from vit_dist.host.checkpoint_files import evaluation_checkpoint, missing_checkpoint
+from vit_dist.host.config import AUTO_DEVICE, Config, compile_cache_dir, load_config, validate
 from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
 from vit_dist.host.preflight import preflight, prepare_run_dir, resolve_run_dir
 from vit_dist.host.private import private_folder
-from vit_dist.host.run_record import CLASSES_FILE, RunRecord
+from vit_dist.host.run_record import CLASSES_FILE, CONFIG_FILE, RunRecord, remove_unstarted_run_dir
 
 
-def _start(cfg: Config, job: str):
+@contextmanager
+def _started(cfg: Config, job: str):
     """Checks the inputs, then brings up the backend (with MindSpore's data-parallel context unless the
-    job lays itself out, as semi_auto training does); returns (placement, run directory, data scan)."""
+    job lays itself out, as semi_auto training does); yields (placement, run directory, data scan) for
+    the job. A run directory this process made is removed again when the command ends on a user error
+    before its run got going (run_record.remove_unstarted_run_dir): a command that failed before it
+    started leaves none behind."""
     placement = bootstrap.detect_placement(os.environ)
-    run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, True, _cache(),
-                              training=job == "train")
+    _resolve_device(cfg, placement)
+    # Ranks started without a run directory (plain msrun) each name one; rank 0's wins once they can talk.
+    told = cfg.train.output_dir is not None or not placement.distributed
+    run_dir = resolve_run_dir(cfg)
+    made = run_dir if placement.is_main and not run_dir.exists() else None  # preflight makes it on rank 0
+    try:
+        run_dir, scan = preflight(cfg, placement.world_size, placement.is_main, True, _cache(),
+                                  training=job == "train")
+        if told:
+            _announce(run_dir, placement)
+        placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
+                                           data_parallel=cfg.parallel.mode == "data",
+                                           compile_cache=_compile_cache(cfg, job, placement.world_size))
+        if not told:
+            run_dir = bootstrap.rank_0s_run_dir(run_dir, placement)
+            cfg.train.output_dir = str(run_dir)
+            if made is not None and made.resolve() != run_dir:  # a provisional rank 0 (msrun across nodes)
+                remove_unstarted_run_dir(made)
+                made = None
+            _announce(run_dir, placement)
+        yield placement, run_dir.resolve(), scan
+    except UserError:
+        if made is not None:
+            remove_unstarted_run_dir(made)
+        raise
+
+
+def _resolve_device(cfg: Config, placement: Placement) -> None:
+    """parallel.device_target made concrete (auto: the backend MindSpore finds), and the checks that
+    depend on it run: the rest of the run, its config.yaml included, sees the concrete target."""
+    requested = cfg.parallel.device_target
+    cfg.parallel.device_target = bootstrap.resolve_device_target(requested, placement)
+    validate(cfg)
+    if requested == AUTO_DEVICE and placement.is_main:
+        print(f"device target {cfg.parallel.device_target} (parallel.device_target auto)", file=sys.stderr,
+              flush=True)
+
+
+def _announce(run_dir: Path, placement: Placement) -> None:
+    """A rank of a job says where it is, in the run directory (for its launcher) and on stderr."""
     if placement.distributed:
         bootstrap.announce_worker(run_dir, placement)
         print(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}",
               file=sys.stderr, flush=True)
-    placement = bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, placement,
-                                       data_parallel=cfg.parallel.mode == "data",
-                                       compile_cache=_compile_cache(cfg, job, placement.world_size))
-    return placement, run_dir.resolve(), scan
 
 
 def _cache() -> Path:
@@ -50,10 +90,10 @@ def _compile_cache(cfg: Config, job: str, world_size: int) -> str | None:
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
-    placement, run_dir, scan = _start(cfg, "train")
-    from vit_dist.training.loop import train  # imports MindSpore: after bootstrap (the mpirun join)
+    with _started(cfg, "train") as (placement, run_dir, scan):
+        from vit_dist.training.loop import train  # imports MindSpore: after bootstrap (the mpirun join)
 
-    result = train(cfg, placement, run_dir, scan)
+        result = train(cfg, placement, run_dir, scan)
     if placement.is_main and "top1" not in result:  # semi_auto: evaluate the merged checkpoint with vit-dist eval
         print(f"merged checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)
@@ -65,14 +105,33 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    cfg = load_config(args.config, args.set)
-    placement, run_dir, scan = _start(cfg, "eval")
-    from vit_dist.training.evaluate import evaluate_checkpoint  # imports MindSpore: after bootstrap
+    """`eval CONFIG --ckpt C` evaluates into a run directory of its own (eval.json, config.yaml);
+    `eval RUN_DIR` evaluates a run with its config.yaml and its best checkpoint (else its newest
+    verified one, or --ckpt), writing the result into that run as eval_<checkpoint name>.json."""
+    finished = Path(args.config) if Path(args.config).is_dir() else None
+    if finished is not None and not (finished / CONFIG_FILE).is_file():
+        raise ConfigError(f"{finished} holds no {CONFIG_FILE}, so it is no run directory; give vit-dist eval a "
+                          "run directory, or CONFIG --ckpt CHECKPOINT")
+    cfg = load_config(finished / CONFIG_FILE if finished else args.config, args.set)
+    if finished is not None:
+        cfg.train.output_dir = str(finished)  # where it ran: config.yaml may name it relative to another folder
+    ckpt = Path(args.ckpt) if args.ckpt else evaluation_checkpoint(finished) if finished else None
+    if ckpt is None:
+        raise ConfigError(f"vit-dist eval {args.config} needs --ckpt CHECKPOINT (or give it a run directory: "
+                          "vit-dist eval RUN_DIR)")
+    if not ckpt.is_file():  # one line before anything starts
+        raise missing_checkpoint(ckpt)
+    with _started(cfg, "eval") as (placement, run_dir, scan):
+        from vit_dist.training.evaluate import evaluate_checkpoint  # imports MindSpore: after bootstrap
 
-    record = RunRecord(run_dir, placement.is_main)
-    result = evaluate_checkpoint(cfg, args.ckpt, placement, scan, record.say)
-    record.write_config(cfg)
-    record.write_eval(result)
+        record = RunRecord(run_dir, placement.is_main)
+        result = evaluate_checkpoint(cfg, ckpt, placement, scan, record.say)
+        if finished is None:
+            record.write_config(cfg)
+            record.write_eval(result)
+        else:  # the run's own config.yaml and eval.json stay as training left them
+            record.write_eval(result, f"eval_{ckpt.stem}.json")
+            record.say(f"wrote {run_dir / f'eval_{ckpt.stem}.json'}")
     if placement.is_main:
         print(json.dumps(result), flush=True)
     return 0
@@ -80,6 +139,7 @@ def cmd_eval(args) -> int:
 
 def _start_single(cfg: Config) -> None:
     """Inference and export run in this one process, on the configured device."""
+    _resolve_device(cfg, Placement.single())
     bootstrap.init_backend(cfg.parallel.device_target, cfg.parallel.threads_per_rank, Placement.single())
 
 
@@ -138,9 +198,9 @@ def cmd_bench(args) -> int:
         raise ConfigError("vit-dist bench needs a CONFIG (e.g. configs/bench/vit_32px.yaml), or --peak")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    # --peak without a config measures this machine's CPU (the defaults target Ascend).
-    cfg = load_config(args.config, args.set if args.config else ["parallel.device_target=CPU", *args.set])
+    cfg = load_config(args.config, args.set)  # --peak without a config measures the device auto finds
     placement = bootstrap.detect_placement(os.environ)
+    _resolve_device(cfg, placement)
     if args.data:
         preflight(cfg, placement.world_size, placement.is_main, False, _cache())  # before MindSpore starts
     elif not args.peak and cfg.model.num_classes is None:
@@ -169,12 +229,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_preflight(args) -> int:
+    if Path(args.config).is_dir():  # a launcher's job writes its logs into its run directory, not into a run's
+        raise ConfigError(f"the launchers take CONFIG, not a run directory: evaluate {args.config} on one device with "
+                          f"vit-dist eval {args.config}, or launch eval {Path(args.config) / CONFIG_FILE} --ckpt C")
     cfg = load_config(args.config, args.set)
     if args.nodes > 1 and cfg.train.output_dir is None:
         raise ConfigError(f"a job across {args.nodes} nodes needs train.output_dir: each node's launcher would "
                           "make a run directory of its own; set it to a directory every node shares")
     if args.ckpt and not Path(args.ckpt).is_file():
-        raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
+        raise missing_checkpoint(Path(args.ckpt))
+    _resolve_device(cfg, Placement.single())  # the launcher's workers are given the concrete target
     if args.bench and not args.data:  # synthetic batches: no data to check
         run_dir = resolve_run_dir(cfg)
         prepare_run_dir(run_dir)
@@ -282,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config("train", "train (one device, or one worker of a launcher's job)").set_defaults(func=cmd_train)
-    p = with_config("eval", "evaluate a checkpoint on data.root/val")
-    p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
+    p = with_config("eval", "evaluate a checkpoint on data.root/val; CONFIG may be a run directory: its "
+                            "config.yaml and best checkpoint, the result written into it")
+    p.add_argument("--ckpt", help="checkpoint file (.safetensors); required with a CONFIG file")
     p.set_defaults(func=cmd_eval)
     p = with_config("infer", "top-k classes of image files (no dataset needed)")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")

@@ -129,6 +129,16 @@ def resume_path(resume: str | None, run_dir: Path) -> Path | None:
     return None
 
 
+def evaluation_checkpoint(run_dir: Path) -> Path:
+    """What `vit-dist eval RUN_DIR` evaluates: the run's best checkpoint, else its newest verified one."""
+    best = best_checkpoint(run_dir)
+    found = best[0] if best else resume_path("auto", run_dir)
+    if found is None:
+        raise CheckpointError(f"{checkpoint_dir(run_dir)} holds no verified checkpoint; name one with --ckpt "
+                              "(a semi_auto run's: its merged_step_N checkpoint)")
+    return found
+
+
 def missing_checkpoint(path: Path) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} does not exist; pass --ckpt RUN_DIR/checkpoints/step_N{SUFFIX}")
 

@@ -23,7 +23,10 @@ import yaml
 from vit_dist.host.errors import ConfigError
 from vit_dist.models.spec import VIT_VARIANTS
 
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+# parallel.device_target auto: the first of these that MindSpore can load (bootstrap.resolve_device_target).
+AUTO_DEVICE = "auto"
+DEVICES = ("Ascend", "GPU", "CPU")
+DEVICE_TARGETS = (AUTO_DEVICE, *DEVICES)
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
 LOSS_SCALES = ("none", "fixed", "dynamic")
@@ -103,7 +106,7 @@ class ParallelConfig:
     optimizer_shard: bool = False  # semi_auto: optimizer state and update sharded over the dp ranks
     grad_accumulation: int = 1  # micro-batches of train.batch_size per update; global batch = batch_size * dp * this
     head: str = "data"  # semi_auto: the classifier replicated (data) or its classes split over mp (model)
-    device_target: str = "Ascend"
+    device_target: str = AUTO_DEVICE  # auto | Ascend | GPU | CPU; the run sees the concrete one (bootstrap)
     threads_per_rank: int = 0  # CPU backend kernel threads; 0: cores / ranks on this node
     fused_cpu_kernels: bool = True  # CPU backend: vit_dist/backends/cpu/kernels.cc (needs g++): fused LayerNorm, bias+GELU
     # and attention in float32, and the host thread sleeping through each step
@@ -266,7 +269,8 @@ def _fill_variant(model: ModelConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Raises ConfigError on the first value that cannot work, with the fix."""
+    """Raises ConfigError on the first value that cannot work, with the fix. The checks that depend on
+    the device pass parallel.device_target auto; validate again once it is resolved."""
     m, d, t, p, pr = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.precision
     _check_choice("parallel.device_target", p.device_target, DEVICE_TARGETS)
     _check_choice("parallel.mode", p.mode, PARALLEL_MODES)
@@ -350,7 +354,7 @@ def _validate_parallel(cfg: Config) -> None:
     if cfg.train.resume is not None:
         raise ConfigError("train.resume is not built for parallel.mode=semi_auto (its slices load only into a "
                           "compiled parallel graph); start without train.resume")
-    if p.device_target not in SEMI_AUTO_TARGETS:
+    if p.device_target not in (*SEMI_AUTO_TARGETS, AUTO_DEVICE):
         raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend or GPU: MindSpore 2.10 "
                           f"refuses semi-auto-parallel on {p.device_target}; use parallel.mode=data there")
     # embed_dim = num_heads * head_dim, so heads divisible by mp makes the hidden size divisible too.

@@ -1,12 +1,15 @@
 """Rank 0's run record: the resolved config, one log line and one JSON object per interval, eval.json.
 
-Every rank calls the same methods; only the main rank writes, so callers never branch on rank.
+Every rank calls the same methods; only the main rank writes, so callers never branch on rank. Also
+what a run directory holds before its run gets going, and its removal after a command that failed
+before it started.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +18,15 @@ from vit_dist.host.atomic import write_atomic
 from vit_dist.host.config import Config, dump_yaml
 from vit_dist.host.errors import OutputError, UserError
 
+CONFIG_FILE = "config.yaml"
 DATA_CHECK_FILE = "data_check.json"
+EVAL_FILE = "eval.json"
 METRICS_FILE = "metrics.jsonl"
 CLASSES_FILE = "classes.json"  # class names in index order: written by training and import-weights, read by infer
+# RUN_DIR/logs/pids/<pid> holds "RANK JOB" of the worker with that pid (bootstrap.announce_worker).
+PIDS_DIR = ("logs", "pids")
+# What a command writes into its run directory before the run gets going: its first step, its result.
+START_UP_FILES = (CONFIG_FILE, CLASSES_FILE, DATA_CHECK_FILE)
 
 
 def format_duration(seconds: float) -> str:
@@ -55,7 +64,7 @@ class RunRecord:
         self.is_main = is_main
 
     def write_config(self, cfg: Config) -> None:
-        self._write("config.yaml", dump_yaml(cfg))
+        self._write(CONFIG_FILE, dump_yaml(cfg))
 
     def write_classes(self, classes: dict[str, int]) -> None:
         """The class names in index order, so that inference can name predictions without the dataset."""
@@ -76,8 +85,9 @@ class RunRecord:
     def write_data_check(self, record: dict) -> None:
         self._write(DATA_CHECK_FILE, json.dumps(record))
 
-    def write_eval(self, result: dict) -> None:
-        self._write("eval.json", json.dumps(result) + "\n")
+    def write_eval(self, result: dict, name: str = EVAL_FILE) -> None:
+        """The evaluation's result as RUN_DIR/<name>, atomically."""
+        self._write(name, json.dumps(result) + "\n")
 
     def _write(self, name: str, text: str) -> None:
         if self.is_main:
@@ -120,3 +130,15 @@ def read_data_check(run_dir: Path) -> dict | None:
         return json.loads((run_dir / DATA_CHECK_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def remove_unstarted_run_dir(run_dir: Path) -> None:
+    """Removes run_dir if it holds nothing but what a command writes before its run gets going (the
+    resolved config, the class names, the data check, pid files; empty folders): the trace of a command
+    that failed before it started. Anything else, a checkpoint, metrics, a heartbeat or a result, keeps
+    the directory whole."""
+    for folder, _, files in os.walk(run_dir):
+        where = Path(folder).relative_to(run_dir)
+        if files and not (where == Path(*PIDS_DIR) or where == Path(".") and set(files) <= set(START_UP_FILES)):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
