@@ -66,6 +66,26 @@ def test_unknown_section_and_override_key():
     ("data.crop_scale=[0.1,.nan]", r"data\.crop_scale must be a finite number"),
     ("parallel.threads_per_rank=-3", r"parallel\.threads_per_rank must be >= 0"),
     ("train.adam_beta2=1.0", r"train\.adam_beta1 and adam_beta2 must be in \[0, 1\)"),
+    # The recipe's augmentation keys.
+    ("data.interpolation=nearest", r"data\.interpolation 'nearest' is not supported; use one of bilinear, bicubic"),
+    ("data.color_jitter=-0.1", r"data\.color_jitter must be >= 0 \(0 turns it off\), got -0\.1"),
+    ("data.random_erasing=1.5", r"data\.random_erasing is a probability: it must be in \[0, 1\], got 1\.5"),
+    ("data.mixup_alpha=-1", r"data\.mixup_alpha must be >= 0"),
+    ("data.cutmix_alpha=-0.5", r"data\.cutmix_alpha must be >= 0"),
+    ("data.mixup_prob=2", r"data\.mixup_prob is a probability: it must be in \[0, 1\]"),
+    ("data.mixup_switch_prob=-0.1", r"data\.mixup_switch_prob is a probability"),
+    ("data.mixup_prob=yes", r"data\.mixup_prob must be a number"),
+    ("data.rand_augment=augmix-m5", r"data\.rand_augment 'augmix-m5': it must start with 'rand'; use timm's form, "
+                                    r"e\.g\. rand-m9-mstd0\.5-inc1"),
+    ("data.rand_augment=rand-m11", r"'rand-m11': m must be an integer in \[0, 10\]"),
+    ("data.rand_augment=rand-m9.5", r"'rand-m9\.5': 'm9\.5': m takes an integer"),
+    ("data.rand_augment=rand-m9-n0", r"n must be at least 1"),
+    ("data.rand_augment=rand-m9-p1.5", r"p must be in \[0, 1\]"),
+    ("data.rand_augment=rand-m9-inc2", r"inc takes 0 or 1"),
+    ("data.rand_augment=rand-m9-m7", r"'m' is given twice"),
+    ("data.rand_augment=rand-m9-x3", r"'x3' is not one of m<int>, n<int>, p<float>, mstd<float>, mmax<int>, inc<0\|1>"),
+    ("data.rand_augment=rand-m9-tweights", r"'tweights': timm's op sets cannot be chosen"),
+    ("data.rand_augment=rand-m9-mstd", r"'mstd' is not one of"),
 ])
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:

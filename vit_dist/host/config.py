@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from vit_dist.host.errors import ConfigError
+from vit_dist.host.rand_augment import parse_rand_augment
 from vit_dist.models.spec import VIT_VARIANTS
 
 # parallel.device_target auto: the first of these that MindSpore can load (bootstrap.resolve_device_target).
@@ -31,6 +32,7 @@ AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
 LOSS_SCALES = ("none", "fixed", "dynamic")
 BAD_IMAGE_ACTIONS = ("skip", "error")
+INTERPOLATIONS = ("bilinear", "bicubic")
 PARALLEL_MODES = ("data", "semi_auto")
 # semi_auto: the classifier replicated (data) or its classes split over the model-parallel ranks (model).
 HEAD_LAYOUTS = ("data", "model")
@@ -70,6 +72,21 @@ class DataConfig:
     # Per-channel normalisation of [0, 1] pixels; pretrained weights expect their own (HF ViTs: 0.5, 0.5).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"  # bilinear | bicubic: the train crop's and the eval resize's
+    # The recipe's augmentation (timm's names in brackets); each is off by default.
+    rand_augment: Optional[str] = None  # timm's string, e.g. rand-m9-mstd0.5-inc1 [--aa]
+    color_jitter: float = 0.0  # brightness, contrast, saturation; not with rand_augment, as timm [--color-jitter]
+    random_erasing: float = 0.0  # probability per image, per-pixel normal values after normalising [--reprob]
+    mixup_alpha: float = 0.0  # [--mixup]
+    cutmix_alpha: float = 0.0  # [--cutmix]
+    mixup_prob: float = 1.0  # chance that a batch is mixed at all [--mixup-prob]
+    mixup_switch_prob: float = 0.5  # with both alphas > 0: chance of cutmix rather than mixup [--mixup-switch-prob]
+
+    @property
+    def mixes(self) -> bool:
+        """Mixup or cutmix is on: the training labels are soft targets, float32 [batch, classes], and
+        the loss is soft-target cross entropy."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 @dataclass
@@ -331,9 +348,36 @@ def validate(cfg: Config) -> None:
             or not 0 < pr.min_loss_scale <= pr.loss_scale_value:
         raise ConfigError("precision: loss_scale_value must be > 0, loss_scale_factor > 1, loss_scale_window >= 1 "
                           "and min_loss_scale in (0, loss_scale_value]")
+    _validate_augment(cfg)
     _validate_parallel(cfg)
     if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_n_steps < 0:
         raise ConfigError("checkpoint.keep_last must be >= 1 and checkpoint.every_n_steps >= 0")
+
+
+def _validate_augment(cfg: Config) -> None:
+    """The recipe's augmentation keys: ranges, timm's RandAugment string, and what each needs."""
+    d = cfg.data
+    _check_choice("data.interpolation", d.interpolation, INTERPOLATIONS)
+    for key, chance in [("data.random_erasing", d.random_erasing), ("data.mixup_prob", d.mixup_prob),
+                        ("data.mixup_switch_prob", d.mixup_switch_prob)]:
+        if not 0.0 <= chance <= 1.0:
+            raise ConfigError(f"{key} is a probability: it must be in [0, 1], got {chance}")
+    for key, value in [("data.color_jitter", d.color_jitter), ("data.mixup_alpha", d.mixup_alpha),
+                       ("data.cutmix_alpha", d.cutmix_alpha)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {value}")
+    if d.rand_augment is not None:
+        parse_rand_augment(d.rand_augment)
+    per_image = [key for key, on in [("data.rand_augment", d.rand_augment is not None),
+                                     ("data.color_jitter", d.color_jitter > 0),
+                                     ("data.random_erasing", d.random_erasing > 0)] if on]
+    if per_image and not d.augment:
+        raise ConfigError(f"{', '.join(per_image)} need(s) data.augment=true (false trains on the eval transform); "
+                          f"set data.augment=true or turn them off")
+    # timm's Mixup refuses odd batches: the middle image of the mirrored pairing would mix with itself.
+    if d.mixes and cfg.train.batch_size % 2:
+        raise ConfigError(f"data.mixup_alpha/cutmix_alpha pair each image with the batch's mirror image, which needs "
+                          f"an even train.batch_size, got {cfg.train.batch_size}")
 
 
 def _validate_parallel(cfg: Config) -> None:
