@@ -11,7 +11,7 @@ TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.e
         "model.num_heads=2", "model.drop_path_rate=0", "train.grad_clip_norm=0", "train.label_smoothing=0.1"]
 
 
-def trained_state(accumulation: int, scaled: bool, images, labels, steps: int = 2) -> dict:
+def trained_state(accumulation: int, scaled: bool, images, labels, steps: int = 2, soft_targets: bool = False) -> dict:
     import mindspore as ms
 
     from vit_dist.training.optim import build_optimizer
@@ -26,7 +26,7 @@ def trained_state(accumulation: int, scaled: bool, images, labels, steps: int = 
     optimizer = build_optimizer(net, cfg.train, flat=True)
     one_device = gradient_reducer(Placement.single())
     step = make_train_step(net, optimizer, one_device, cfg.train.label_smoothing, cfg.train.grad_clip_norm,
-                           build_loss_scaler(cfg.precision), accumulation=accumulation)
+                           build_loss_scaler(cfg.precision), accumulation=accumulation, soft_targets=soft_targets)
     losses = [float(step(ms.Tensor(images), ms.Tensor(labels), ms.Tensor(1e-3, ms.float32))[0].asnumpy())
               for _ in range(steps)]
     state = {p.name: p.asnumpy().copy() for p in net.get_parameters()}

@@ -117,11 +117,12 @@ def test_every_strategy_fits_the_shapes_its_primitive_receives(dp, mp, head, gel
         assert found["blocks.0.mlp.act.erf"][1][0] == ((2 * dp, 17, 64),)  # 16 patches + the class token
 
 
-def test_each_rank_reads_the_batch_block_mindspore_assigns_it():
+@pytest.mark.parametrize("soft_targets", [False, True])
+def test_each_rank_reads_the_batch_block_mindspore_assigns_it(soft_targets):
     """MindSpore's own host-side placement of a rank's batch under a dataset strategy
     (parallel._utils._to_full_tensor, which places rank r's data at block r % strategy along each axis)
     must put rank r's samples where the harness's replica says: the mp ranks of one replica must hold
-    the same samples, or each computes with different data."""
+    the same samples, or each computes with different data. Mixup's soft targets [batch, classes] too."""
     import mindspore as ms
     from mindspore.parallel._utils import _to_full_tensor
 
@@ -129,11 +130,11 @@ def test_each_rank_reads_the_batch_block_mindspore_assigns_it():
 
     for dp, mp in [(4, 2), (2, 4), (2, 2), (8, 1), (1, 8)]:
         dims = ParallelDims.split(dp * mp, mp, 3, 1, True)
-        ms.set_auto_parallel_context(dataset_strategy=dataset_strategy(dp))
+        ms.set_auto_parallel_context(dataset_strategy=dataset_strategy(dp, soft_targets))
         try:
             for rank in range(dp * mp):
                 images = np.full((3, 3, 4, 4), rank + 1, np.float32)
-                labels = np.full((3,), rank + 1, np.int32)
+                labels = np.full((3, 5) if soft_targets else (3,), rank + 1, np.float32 if soft_targets else np.int32)
                 full_images, full_labels = _to_full_tensor((images, labels), dp * mp, rank)
                 assert full_images.shape == (3 * dp, 3, 4, 4)
                 blocks = [b for b in range(dp) if (full_labels.asnumpy()[3 * b:3 * b + 3] == rank + 1).all()]

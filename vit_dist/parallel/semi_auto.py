@@ -180,13 +180,14 @@ def reduced_by_mindspore(grads):
     return grads
 
 
-def dataset_strategy(dp: int) -> tuple:
-    """The (images, labels) input layout: the batch over dp. MindSpore puts the remaining mp-fold
-    repeat on the left of the device matrix, so rank r holds block r % dp (ParallelDims.replica)."""
-    return ((dp, 1, 1, 1), (dp,))
+def dataset_strategy(dp: int, soft_targets: bool = False) -> tuple:
+    """The (images, labels) input layout: the batch over dp (labels int [batch], or soft targets
+    [batch, classes]). MindSpore puts the remaining mp-fold repeat on the left of the device matrix,
+    so rank r holds block r % dp (ParallelDims.replica)."""
+    return ((dp, 1, 1, 1), (dp, 1) if soft_targets else (dp,))
 
 
-def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Optional[Path]):
+def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Optional[Path], soft_targets: bool = False):
     """Wraps the jitted train step in AutoParallel (MindSpore 2.10's documented entry for functional
     training: the outermost function must be wrapped). The input batch is split over dp (rank r holds
     block r % dp), the ranks of one replica read the same samples; gradients are averaged over dp; the layout is saved for the
@@ -194,7 +195,7 @@ def parallelize(train_step, cfg: ParallelConfig, dp: int, strategy_path: Optiona
     from mindspore.parallel.auto_parallel import AutoParallel
 
     parallel = AutoParallel(train_step, parallel_mode="semi_auto")
-    parallel.dataset_strategy(dataset_strategy(dp))
+    parallel.dataset_strategy(dataset_strategy(dp, soft_targets))
     parallel.enable_gradients_mean()
     if strategy_path is not None:  # bench has no run to merge
         strategy_path.parent.mkdir(parents=True, exist_ok=True)

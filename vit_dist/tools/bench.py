@@ -58,8 +58,13 @@ def synthetic_batches(cfg: Config, batch: int, count: int = SYNTHETIC_BATCHES) -
 
     rng = np.random.default_rng(cfg.train.seed)
     size = cfg.data.image_size
-    return [(ms.Tensor(rng.standard_normal((batch, 3, size, size), np.float32)),
-             ms.Tensor(rng.integers(0, cfg.model.num_classes, batch, np.int32))) for _ in range(count)]
+
+    def labels():
+        labels = rng.integers(0, cfg.model.num_classes, batch, np.int32)
+        return np.eye(cfg.model.num_classes, dtype=np.float32)[labels] if cfg.data.mixes else labels  # soft targets
+
+    return [(ms.Tensor(rng.standard_normal((batch, 3, size, size), np.float32)), ms.Tensor(labels()))
+            for _ in range(count)]
 
 
 def time_steps(run: Training, batches: list, lr, steps: int, warmup: int) -> dict:

@@ -65,9 +65,9 @@ def build_training(cfg: Config, num_classes: int, placement: Placement, say: Cal
     reduce_gradients = semi_auto.reduced_by_mindspore if dims.semi_auto else gradient_reducer(placement)
     step = make_train_step(net, optimizer, reduce_gradients, cfg.train.label_smoothing, cfg.train.grad_clip_norm,
                            scaler, cfg.precision.min_loss_scale, dims.accumulation,
-                           dims.dp if dims.semi_auto else 1, backend.signal)
+                           dims.dp if dims.semi_auto else 1, backend.signal, cfg.data.mixes)
     if dims.semi_auto:
-        step = semi_auto.parallelize(step, cfg.parallel, dims.dp, strategy_path)
+        step = semi_auto.parallelize(step, cfg.parallel, dims.dp, strategy_path, cfg.data.mixes)
     return Training(net, optimizer, scaler, step, backend, dims)
 
 

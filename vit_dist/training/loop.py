@@ -13,6 +13,7 @@ from vit_dist.host.config import Config, config_digest
 from vit_dist.host.datascan import DataScan, steps_per_epoch
 from vit_dist.host.heartbeat import Heartbeat
 from vit_dist.host.placement import Placement
+from vit_dist.host.rand_augment import parse_rand_augment, start_note
 from vit_dist.host.run_record import RunRecord
 from vit_dist.parallel.checkpoint_merge import strategy_file
 from vit_dist.training.assemble import build_training
@@ -44,6 +45,8 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     dataset.set_init_step(start.step)  # skips the batches already consumed, keeps each epoch's order
     batches = dataset.create_tuple_iterator(num_epochs=cfg.train.epochs)  # each pass yields one epoch
     preemption = Preemption(placement, checkpointer, heartbeat, run_dir, record.say)
+    if cfg.data.rand_augment is not None:
+        record.say(start_note(parse_rand_augment(cfg.data.rand_augment), cfg.data.color_jitter))
     left_out = len(scan.train.bad) + len(scan.val.bad)
     record.say(f"training {total} steps ({per_epoch} per epoch, global batch {dims.global_batch}) on "
                f"{placement.world_size} rank(s); run directory {run_dir}"

@@ -6,6 +6,7 @@ from mindspore import ParameterTuple, amp, nn, ops
 
 from vit_dist.parallel.data_parallel import finite_on_every_rank, world_size
 from vit_dist.parallel.semi_auto import clip_by_norm, sliced_global_norm, slices_of
+from vit_dist.training.loss import train_loss
 from vit_dist.training.precision import scaler_state
 
 
@@ -28,7 +29,7 @@ class TrainStep(nn.Cell):
 
 def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float,
                     scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1,
-                    signal=None):
+                    signal=None, soft_targets: bool = False):
     """TrainStep(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
     optimizer lays them out) -> mean over ranks -> (unscale, overflow check) -> clip by global norm
     -> AdamW at the given learning rate.
@@ -39,8 +40,9 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
     (as MindSpore's loss-scale cells do), since a rank may see only its slices or, on Ascend 910A, its
     own device's overflow status. With
     accumulation k the batch holds k micro-batches whose gradients are averaged before the update.
-    With a backends.cpu.kernels.StepSignal the step ends with its mark and each call returns once the step has run."""
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    With a backends.cpu.kernels.StepSignal the step ends with its mark and each call returns once the step has run.
+    soft_targets: the labels are float [batch, classes] soft targets (mixup), label_smoothing already in them."""
+    loss_fn = train_loss(label_smoothing, soft_targets)
     world = world_size()
     slices = tuple(slices_of(p) for p in optimizer.parameters)  # all 1 unless semi_auto strategies were set
     grad_norm = sliced_global_norm(slices, world) if clip_norm > 0 else None
