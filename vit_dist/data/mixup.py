@@ -33,7 +33,9 @@ class Mixup:
             yl, yh, xl, xh = box
             images[:, :, yl:yh, xl:xh] = images[::-1, :, yl:yh, xl:xh].copy()  # the mirror as it was before
         elif lam != 1.0:
-            images[:] = images * np.float32(lam) + images[::-1] * np.float32(1.0 - lam)
+            mirror = images[::-1] * np.float32(1.0 - lam)
+            images *= np.float32(lam)
+            images += mirror
         return soft_targets(labels, self.num_classes, lam, self.label_smoothing)
 
     def draw(self, rng: np.random.RandomState, size: tuple[int, int]) -> tuple[float, Optional[Box]]:

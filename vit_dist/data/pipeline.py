@@ -95,7 +95,9 @@ def train_dataset(cfg: Config, split: Split, classes: dict[str, int], shard: int
     augment = batch_augment(cfg, len(classes), shard)
     if augment is None:
         return dataset.batch(batch_size, drop_remainder=True)
-    return dataset.batch(batch_size, drop_remainder=True, per_batch_map=augment, input_columns=["image", "label"])
+    # Its batches are keyed, not drawn in turn, so the map's threads may take them in any order.
+    return dataset.batch(batch_size, drop_remainder=True, per_batch_map=augment, input_columns=["image", "label"],
+                         num_parallel_workers=cfg.data.num_workers)
 
 
 def batch_augment(cfg: Config, num_classes: int, shard: int):
