@@ -3,6 +3,8 @@ by data-parallel replica, with C++ transforms, batched; for training, then rando
 mixup/cutmix on each batch (batch_augment.py)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 import mindspore.dataset as ds
 import mindspore.dataset.transforms as transforms_
@@ -100,7 +102,7 @@ def train_dataset(cfg: Config, split: Split, classes: dict[str, int], shard: int
                          num_parallel_workers=cfg.data.num_workers)
 
 
-def batch_augment(cfg: Config, num_classes: int, shard: int):
+def batch_augment(cfg: Config, num_classes: int, shard: int) -> Optional[BatchAugment]:
     """The batch-level augmentation of the config for this replica's shard, or None when it has none."""
     d = cfg.data
     if d.random_erasing == 0 and not d.mixes:
