@@ -11,6 +11,14 @@ from vit_dist.host.config import Config, DataConfig
 from vit_dist.host.datascan import READ_EXTENSIONS, Split
 
 
+def _interpolation(cfg: DataConfig):
+    """data.interpolation as MindSpore's resize filter. "bicubic" is PILCUBIC, Pillow's bicubic
+    (antialiased when shrinking), which timm, torchvision and Hugging Face resize with: it gives their
+    pixels exactly, where Inter.BICUBIC (OpenCV's) differs by one to six levels on average when
+    shrinking a photo. MindSpore has no Pillow bilinear: "bilinear" is OpenCV's, not antialiased."""
+    return {"bilinear": vision.Inter.BILINEAR, "bicubic": vision.Inter.PILCUBIC}[cfg.interpolation]
+
+
 def _normalize_ops(cfg: DataConfig):
     return [vision.Normalize([m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]), vision.HWC2CHW()]
 
@@ -19,7 +27,8 @@ def train_transforms(cfg: DataConfig) -> list:
     """The MindSpore ViT tutorial's augmentation, or the eval transform when augmentation is off."""
     if not cfg.augment:
         return eval_transforms(cfg)
-    ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
+    ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                                         interpolation=_interpolation(cfg))]
     if cfg.hflip_prob > 0:
         ops.append(vision.RandomHorizontalFlip(cfg.hflip_prob))
     return ops + _normalize_ops(cfg)
@@ -28,7 +37,8 @@ def train_transforms(cfg: DataConfig) -> list:
 def eval_transforms(cfg: DataConfig) -> list:
     # The decoder always yields 3-channel RGB, whatever the file's mode (L, RGBA, CMYK, P, 16-bit).
     resize = int(cfg.image_size / cfg.eval_crop_fraction)
-    return [vision.Decode(), vision.Resize(resize), vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
+    return [vision.Decode(), vision.Resize(resize, _interpolation(cfg)),
+            vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
 
 
 def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: int, world_size: int,

@@ -28,6 +28,7 @@ AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
 LOSS_SCALES = ("none", "fixed", "dynamic")
 BAD_IMAGE_ACTIONS = ("skip", "error")
+INTERPOLATIONS = ("bilinear", "bicubic")
 PARALLEL_MODES = ("data", "semi_auto")
 # semi_auto: the classifier replicated (data) or its classes split over the model-parallel ranks (model).
 HEAD_LAYOUTS = ("data", "model")
@@ -63,6 +64,7 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (0.75, 1.333)
     hflip_prob: float = 0.5
     eval_crop_fraction: float = 0.875  # resize to image_size / fraction, then center crop
+    interpolation: str = "bilinear"  # bilinear | bicubic: the train and eval resizes
     on_bad_image: str = "skip"  # skip: train without the files the decoder would fail on | error: stop first
     # Per-channel normalisation of [0, 1] pixels; pretrained weights expect their own (HF ViTs: 0.5, 0.5).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -273,6 +275,7 @@ def validate(cfg: Config) -> None:
     _check_choice("parallel.head", p.head, HEAD_LAYOUTS)
     _check_choice("precision.amp_level", pr.amp_level, AMP_LEVELS)
     _check_choice("data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
+    _check_choice("data.interpolation", d.interpolation, INTERPOLATIONS)
     _check_choice("precision.dtype", pr.dtype, LOW_PRECISION_DTYPES)
     _check_choice("precision.loss_scale", pr.loss_scale, LOSS_SCALES)
     for key, value in [("model.patch_size", m.patch_size), ("model.embed_dim", m.embed_dim),
