@@ -80,8 +80,23 @@ def test_bench_compiles_the_very_step_training_runs_with_accumulation(tmp_path, 
 
 def test_data_mode_times_the_input_pipeline_on_real_images(tmp_path, tiny_data):
     config = tiny_config(tmp_path / "c.yaml", tiny_data)
-    result = last_json(vit_dist("bench", str(config), "--data", "--steps", "10", "--json"))
+    result = ok(vit_dist("bench", str(config), "--data", "--steps", "10", "--json"))
+    text, line = result.stdout.strip().splitlines()[-2:]
+    result = json.loads(line)
     assert result["batches"] == 10 and result["num_workers"] == 1 and result["data_images_per_sec"] > 0
+    # One worker: per core is per rank.
+    assert result["data_images_per_sec_per_core"] == result["data_images_per_sec_per_rank"] > 0
+    assert result["cpu_ms_per_image"] > 0
+    assert text.startswith(f"input pipeline: {result['data_images_per_sec']:.1f} images/s over 1 rank(s)")
+    assert f"{result['data_images_per_sec_per_core']:.1f} per core" in text
+
+
+def test_data_mode_on_a_missing_folder_is_one_line(tmp_path, tiny_data):
+    config = tiny_config(tmp_path / "c.yaml", tmp_path / "photos")
+    result = vit_dist("bench", str(config), "--data")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"error: data.root {tmp_path / 'photos'} does not exist; point data.root at a " \
+                                    "folder holding train/ and val/ (vit-dist demo-data OUT writes one)"
 
 
 def test_compile_cache_key_changes_with_the_computation_only():

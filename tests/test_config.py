@@ -52,6 +52,7 @@ def test_unknown_section_and_override_key():
     ("train.lr=fast", r"train\.lr must be a number"),
     ("data.crop_scale=0.5", r"data\.crop_scale must be a list of 2 numbers"),
     ("model.variant=xl", r"model\.variant 'xl' is unknown; use one of ti, s, b, l, h"),
+    ("data.interpolation=nearest", r"data\.interpolation 'nearest' is not supported; use one of bilinear, bicubic"),
     ("data.image_size=100", r"data\.image_size 100 is not divisible by model\.patch_size 16"),
     ("parallel.device_target=TPU",
      r"parallel\.device_target 'TPU' is not supported; use one of auto, Ascend, GPU, CPU"),

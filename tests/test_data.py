@@ -1,4 +1,5 @@
 """The ImageFolder scan, sharding by rank, transforms, and the eval padding mask, on real image files."""
+import mindspore.dataset.vision as vision
 import numpy as np
 import pytest
 from PIL import Image
@@ -97,6 +98,23 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode, suffix, kwargs):
         dataset = pipeline._image_folder(train, classes, False, 0, 1, transforms, 1)
         (out, _), = list(dataset.create_tuple_iterator(output_numpy=True))
         assert out.shape == (3, 16, 16) and out.dtype == np.float32
+
+
+def test_the_train_crop_resizes_with_data_interpolation(tmp_path):
+    """With the crop fixed to the whole image, the train transform is a resize with data.interpolation:
+    bicubic gives Pillow's bicubic pixels exactly (timm's and torchvision's resize); bilinear is
+    OpenCV's, another filter."""
+    photo = Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8))
+    photo.resize((400, 300), Image.BICUBIC).save(tmp_path / "photo.png")  # smooth, as photos are
+    crops = {}
+    for interpolation in ("bicubic", "bilinear"):
+        cfg = load_config(None, [f"data.interpolation={interpolation}", "data.image_size=96", "data.crop_scale=[1,1]",
+                                 f"data.crop_ratio=[{4 / 3!r},{4 / 3!r}]"])
+        (crop,) = [op for op in pipeline.train_transforms(cfg.data) if isinstance(op, vision.RandomCropDecodeResize)]
+        crops[interpolation] = crop(np.fromfile(tmp_path / "photo.png", np.uint8))
+    with Image.open(tmp_path / "photo.png") as photo:
+        assert np.array_equal(crops["bicubic"], np.asarray(photo.resize((96, 96), Image.BICUBIC)))
+    assert not np.array_equal(crops["bilinear"], crops["bicubic"])
 
 
 def test_real_mask_drops_exactly_the_wrapped_padding():

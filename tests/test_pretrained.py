@@ -14,7 +14,7 @@ from vit_dist.host.errors import CheckpointError
 from vit_dist.training import checkpoint
 from vit_dist.cli import main
 from vit_dist.host.config import load_config
-from vit_dist.tools.infer import write_predictions
+from vit_dist.tools.infer import preprocess, write_predictions
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,7 +61,9 @@ def test_hugging_face_vit_gives_the_same_logits_at_its_size_and_after_interpolat
     import_weights(tmp_path / "hf", tmp_path / "vit.safetensors", "hf", "--image-size", str(size))
     cfg = yaml.safe_load((tmp_path / "vit.yaml").read_text())
     assert cfg["model"]["layer_norm_eps"] == 1e-12 and cfg["data"]["image_size"] == size
-    assert cfg["data"]["mean"] == cfg["data"]["std"] == [0.5, 0.5, 0.5]  # ViTImageProcessor's
+    # ViTImageProcessor's defaults (no preprocessor_config.json): bilinear, straight to the size, 0.5.
+    assert cfg["data"]["mean"] == cfg["data"]["std"] == [0.5, 0.5, 0.5]
+    assert cfg["data"]["interpolation"] == "bilinear" and cfg["data"]["eval_crop_fraction"] == 1.0
     x = images(size)
     want = reference_logits(model, x)
     assert np.abs(want).max() > 0.5
@@ -143,6 +145,96 @@ def test_timm_layout_with_fused_qkv_gives_the_reference_logits(tmp_path, capsys)
     assert np.abs(got - reference_logits(model, x)).max() < 1e-4
 
 
+def photo(path, size: tuple[int, int]):
+    """A JPEG photo of ImageNet's kind (scikit-learn's china.jpg, resized to size, quality 90)."""
+    from sklearn.datasets import load_sample_image
+
+    Image.fromarray(load_sample_image("china.jpg")).resize(size, Image.BICUBIC).save(path, quality=90)
+    return path
+
+
+def data_section(config) -> tuple:
+    data = yaml.safe_load(config.read_text())["data"]
+    return data["interpolation"], data["eval_crop_fraction"], data["mean"], data["std"]
+
+
+# (timm model, whether its config.json keeps the pretrained_cfg timm's hub files carry; without it,
+# import-weights looks the model's name up in timm): two preprocessings, a crop fraction of 1 at 384 px
+# with mean 0.5, and 0.9 at 224 px with ImageNet's mean.
+@pytest.mark.parametrize("name, with_cfg", [("vit_tiny_patch16_384.augreg_in21k_ft_in1k", True),
+                                            ("deit_tiny_patch16_224.fb_in1k", False)])
+def test_timm_weights_keep_timms_preprocessing_and_eval_gives_timms_pixels(tmp_path, name, with_cfg):
+    """The config import-weights writes holds what timm.data.resolve_data_config resolves for the
+    model, and vit-dist's eval transform then turns an ImageNet-size JPEG into timm's eval tensor
+    (create_transform of that data config): same pixels, to float rounding. A photo whose resize
+    leaves an even margin: on an odd one, MindSpore's center crop floors half the margin where
+    torchvision rounds it, a one-pixel shift (docs/weights.md)."""
+    timm = pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import save_for_hf
+
+    model = timm.create_model(name, pretrained=False)
+    save_for_hf(model, tmp_path / "timm", safe_serialization=True)
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    if not with_cfg:
+        del config["pretrained_cfg"]
+        (tmp_path / "timm" / "config.json").write_text(json.dumps(config))
+    import_weights(tmp_path / "timm" / "model.safetensors", tmp_path / "vit.safetensors", "timm")
+    want = resolve_data_config({}, model=model)
+    assert data_section(tmp_path / "vit.yaml") == (want["interpolation"], want["crop_pct"], list(want["mean"]),
+                                                   list(want["std"]))
+    jpeg = photo(tmp_path / "photo.jpg", (500, 375))
+    ours = preprocess([jpeg], load_config(tmp_path / "vit.yaml"))[0]
+    theirs = create_transform(**want)(Image.open(jpeg).convert("RGB")).numpy()
+    assert ours.shape == theirs.shape == (3, want["input_size"][1], want["input_size"][2])
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_timm_weights_without_a_config_say_their_preprocessing_is_unknown(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    hf_vit(tmp_path / "hf", layer_norm_eps=1e-6)
+    save_file(relayout(tmp_path / "hf", TIMM, "blocks.{layer}.attn.qkv.{kind}"), str(tmp_path / "timm.safetensors"))
+    capsys.readouterr()
+    import_weights(tmp_path / "timm.safetensors", tmp_path / "vit.safetensors", "timm", "--num-heads", "4")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "preprocessing is unknown" in line]
+    assert notes == [f"note: the source's preprocessing is unknown: {tmp_path / 'config.json'} gives no "
+                     "pretrained_cfg; --config-out keeps data.interpolation, eval_crop_fraction, mean and std as "
+                     "they are"]
+    assert data_section(tmp_path / "vit.yaml") == ("bilinear", 0.875, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def test_hugging_face_processor_config_carries_over_and_eval_gives_its_pixels(tmp_path):
+    """DeiT's processor (bicubic resize to 256x256, center crop 224, ImageNet's mean and std) saved
+    beside a ViT: the config gets its preprocessing, and vit-dist's eval gives the processor's
+    pixel_values for a square photo (where resizing to 256x256 and resizing the short side agree),
+    each within one level of 255: transformers 5 resizes in floating point with torchvision, which
+    rounds a few values (0.6% here) one level away from Pillow's fixed-point bicubic that vit-dist's
+    matches."""
+    hf_vit(tmp_path / "hf", image_size=224, patch_size=32)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    processor = transformers.DeiTImageProcessor(image_mean=mean, image_std=std)
+    processor.save_pretrained(tmp_path / "hf")
+    import_weights(tmp_path / "hf", tmp_path / "vit.safetensors", "hf")
+    assert data_section(tmp_path / "vit.yaml") == ("bicubic", 0.875, mean, std)
+    jpeg = photo(tmp_path / "photo.jpg", (400, 400))
+    ours = preprocess([jpeg], load_config(tmp_path / "vit.yaml"))
+    theirs = processor(Image.open(jpeg).convert("RGB"), return_tensors="np")["pixel_values"]
+    assert ours.shape == theirs.shape == (1, 3, 224, 224)
+    levels = np.abs(ours - theirs) * np.array(std)[:, None, None] * 255
+    assert levels.max() < 1.001 and levels.mean() < 0.05
+
+
+def test_a_malformed_processor_config_is_one_line(tmp_path, capsys):
+    hf_vit(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"image_mean": "blue"}))
+    capsys.readouterr()
+    assert main(["import-weights", str(tmp_path / "hf"), str(tmp_path / "vit.safetensors"), "--from", "hf"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'hf' / 'preprocessor_config.json'}: image_mean 'blue' " \
+                                      "is not one number or three\n"
+    assert not (tmp_path / "vit.safetensors").exists()
+
+
 def test_mindcv_checkpoint_with_tanh_gelu_gives_the_reference_logits(tmp_path):
     import mindspore as ms
 
@@ -155,6 +247,8 @@ def test_mindcv_checkpoint_with_tanh_gelu_gives_the_reference_logits(tmp_path):
     ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], str(tmp_path / "mindcv.ckpt"))
     import_weights(tmp_path / "mindcv.ckpt", tmp_path / "vit.safetensors", "mindcv", "--num-heads", "4")
     assert yaml.safe_load((tmp_path / "vit.yaml").read_text())["model"]["gelu_approximate"] is True
+    # MindCV's ViT recipes' evaluation (configs/vit/*.yaml), which its checkpoints do not record.
+    assert data_section(tmp_path / "vit.yaml") == ("bicubic", 0.875, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     x = images(32)
     got = our_logits(tmp_path / "vit.yaml", tmp_path / "vit.safetensors", x)
     assert np.abs(got - reference_logits(model, x)).max() < 1e-4

@@ -283,9 +283,17 @@ def cmd_merge_checkpoint(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
+    if args.photos is not None:
+        if args.image_size is not None:
+            raise ConfigError("--image-size sizes the digits; --photos writes ImageNet-size 500x375 photos")
+        from vit_dist.tools.photo_data import write_photo_data
+
+        counts = write_photo_data(args.out, args.photos)
+        print(f"wrote {counts['train']} train and {counts['val']} val photos (500x375 JPEG) to {args.out}")
+        return 0
     from vit_dist.tools.demo_data import write_demo_data
 
-    counts = write_demo_data(args.out, args.image_size)
+    counts = write_demo_data(args.out, args.image_size or 32)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
     return 0
 
@@ -403,9 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG file (default: RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
-    p = sub.add_parser("demo-data", help="write the demo digits ImageFolder")
+    p = sub.add_parser("demo-data", help="write the demo digits ImageFolder (or, with --photos, ImageNet-size "
+                                         "JPEG photos for vit-dist bench --data)")
     p.add_argument("out")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="the digits' size in pixels (default 32)")
+    p.add_argument("--photos", type=int, metavar="N",
+                   help="write N JPEG photos of about ImageNet's size cut from scikit-image's (the bench extra)")
     p.set_defaults(func=cmd_demo_data)
     p = sub.add_parser("import-weights", help="convert a timm, Hugging Face or MindCV ViT to this project's "
                                               "parameters (safetensors)")

@@ -16,7 +16,13 @@ from vit_dist.host.config import Config, DataConfig
 from vit_dist.host.datascan import READ_EXTENSIONS, Split
 from vit_dist.host.rand_augment import LEVELS, parse_rand_augment
 
-INTERPOLATION = {"bilinear": vision.Inter.BILINEAR, "bicubic": vision.Inter.BICUBIC}
+# data.interpolation as MindSpore's resize filter. "bicubic" is PILCUBIC, Pillow's bicubic (antialiased
+# when shrinking), which timm, torchvision and Hugging Face resize with: it gives their pixels exactly,
+# where Inter.BICUBIC (OpenCV's) differs by one to six levels on average when shrinking a photo.
+# MindSpore has no Pillow bilinear: "bilinear" is OpenCV's, not antialiased.
+RESIZE = {"bilinear": vision.Inter.BILINEAR, "bicubic": vision.Inter.PILCUBIC}
+# RandAugment's rotations, shears and translations (no shrinking) take OpenCV's filters only.
+WARP = {"bilinear": vision.Inter.BILINEAR, "bicubic": vision.Inter.BICUBIC}
 
 
 def _normalize_ops(cfg: DataConfig):
@@ -30,7 +36,7 @@ def train_transforms(cfg: DataConfig) -> list:
     if not cfg.augment:
         return eval_transforms(cfg)
     ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                                         interpolation=INTERPOLATION[cfg.interpolation])]
+                                         interpolation=RESIZE[cfg.interpolation])]
     if cfg.hflip_prob > 0:
         ops.append(vision.RandomHorizontalFlip(cfg.hflip_prob))
     if cfg.rand_augment is not None:
@@ -51,7 +57,7 @@ def rand_augment_ops(cfg: DataConfig) -> list:
 
     def rand_augment(count: int):
         return vision.RandAugment(num_ops=count, magnitude=spec.magnitude, num_magnitude_bins=LEVELS + 1,
-                                  interpolation=INTERPOLATION[cfg.interpolation], fill_value=fill)
+                                  interpolation=WARP[cfg.interpolation], fill_value=fill)
 
     if spec.prob == 1.0:
         return [rand_augment(spec.num_ops)]
@@ -61,7 +67,7 @@ def rand_augment_ops(cfg: DataConfig) -> list:
 def eval_transforms(cfg: DataConfig) -> list:
     # The decoder always yields 3-channel RGB, whatever the file's mode (L, RGBA, CMYK, P, 16-bit).
     resize = int(cfg.image_size / cfg.eval_crop_fraction)
-    return [vision.Decode(), vision.Resize(resize, INTERPOLATION[cfg.interpolation]),
+    return [vision.Decode(), vision.Resize(resize, RESIZE[cfg.interpolation]),
             vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
 
 

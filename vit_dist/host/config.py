@@ -294,6 +294,7 @@ def validate(cfg: Config) -> None:
     _check_choice("parallel.head", p.head, HEAD_LAYOUTS)
     _check_choice("precision.amp_level", pr.amp_level, AMP_LEVELS)
     _check_choice("data.on_bad_image", d.on_bad_image, BAD_IMAGE_ACTIONS)
+    _check_choice("data.interpolation", d.interpolation, INTERPOLATIONS)
     _check_choice("precision.dtype", pr.dtype, LOW_PRECISION_DTYPES)
     _check_choice("precision.loss_scale", pr.loss_scale, LOSS_SCALES)
     for key, value in [("model.patch_size", m.patch_size), ("model.embed_dim", m.embed_dim),
@@ -357,7 +358,6 @@ def validate(cfg: Config) -> None:
 def _validate_augment(cfg: Config) -> None:
     """The recipe's augmentation keys: ranges, timm's RandAugment string, and what each needs."""
     d = cfg.data
-    _check_choice("data.interpolation", d.interpolation, INTERPOLATIONS)
     for key, chance in [("data.random_erasing", d.random_erasing), ("data.mixup_prob", d.mixup_prob),
                         ("data.mixup_switch_prob", d.mixup_switch_prob)]:
         if not 0.0 <= chance <= 1.0:

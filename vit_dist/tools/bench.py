@@ -16,6 +16,7 @@ import numpy as np
 from vit_dist.data import pipeline
 from vit_dist.host import datascan
 from vit_dist.host.config import Config
+from vit_dist.host.cpu_time import cpu_seconds
 from vit_dist.host.placement import Placement
 from vit_dist.host.run_record import say
 from vit_dist.models.spec import ViTSpec, train_flops_per_image
@@ -148,8 +149,10 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
 
 
 def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:
-    """The training input pipeline alone (decode + augment + batch with data.num_workers), on this
-    rank's shard of data.root/train; the first batch (pipeline start-up) is not timed."""
+    """The training input pipeline alone, as pipeline.train_dataset builds it from the config (decode,
+    every augmentation the data section turns on, batching with data.num_workers map workers), on this
+    rank's shard of data.root/train; the first batch (pipeline start-up) is not timed. Per core is
+    per rank over its data.num_workers: the cores the pipeline is given."""
     split, _, classes = datascan.scan_dataset(cfg.data)
     per_epoch = datascan.steps_per_epoch(split.num_images, placement.world_size, cfg.train.batch_size)
     dataset = pipeline.train_dataset(cfg, split, classes, placement.rank, placement.world_size, cfg.train.batch_size)
@@ -160,13 +163,15 @@ def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:
     started = time.perf_counter()
     next(stream)
     startup = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         next(stream)
-    elapsed = time.perf_counter() - started
-    per_rank = batches * cfg.train.batch_size / elapsed
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    images = batches * cfg.train.batch_size
+    per_rank = images / elapsed
     (total,) = all_reduce_sum([per_rank], placement)
     return {"data_images_per_sec": float(total), "data_images_per_sec_per_rank": per_rank,
+            "data_images_per_sec_per_core": per_rank / cfg.data.num_workers, "cpu_ms_per_image": 1000 * cpu / images,
             "num_workers": cfg.data.num_workers, "batches": batches, "startup_s": startup,
             "world_size": placement.world_size}
 
@@ -188,5 +193,7 @@ def format_train(result: dict) -> str:
 def format_data(result: dict) -> str:
     r = result
     return (f"input pipeline: {r['data_images_per_sec']:.1f} images/s over {r['world_size']} rank(s) "
-            f"({r['data_images_per_sec_per_rank']:.1f} per rank, {r['num_workers']} workers each, "
-            f"{r['batches']} batches; start-up {r['startup_s']:.1f} s)")
+            f"({r['data_images_per_sec_per_rank']:.1f} per rank, {r['num_workers']} workers each: "
+            f"{r['data_images_per_sec_per_core']:.1f} per core; {r['cpu_ms_per_image']:.2f} ms CPU per image; "
+            f"{r['batches']} batches; "
+            f"start-up {r['startup_s']:.1f} s)")

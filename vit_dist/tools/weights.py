@@ -20,6 +20,8 @@ import numpy as np
 from vit_dist.host.atomic import atomic_path
 from vit_dist.host.errors import CheckpointError
 from vit_dist.models.spec import VIT_VARIANTS, standard_heads
+from vit_dist.tools import source_preprocessing
+from vit_dist.tools.source_preprocessing import Preprocessing
 
 SOURCES = ("timm", "hf", "mindcv")
 # Keys of ViT variants whose computation this project's model does not have: importing them
@@ -86,8 +88,7 @@ class Imported:
     image_size: int
     layer_norm_eps: float
     gelu_approximate: bool = False
-    mean: Optional[tuple[float, float, float]] = None  # None: the source does not say
-    std: Optional[tuple[float, float, float]] = None
+    preprocessing: Optional[Preprocessing] = None  # the source's eval protocol; None: it does not say
     classes: Optional[list[str]] = None
     notes: list[str] = field(default_factory=list)
 
@@ -157,25 +158,41 @@ def _from_hf(src: Path, num_heads: Optional[int]) -> Imported:
     params = _rename(state, HF_NAMES, src)
     if not config.get("qkv_bias", True):
         _zero_qkv_bias(params)
-    processor = _read_json(folder / "preprocessor_config.json") or {}
+    processor_file = folder / "preprocessor_config.json"
+    preprocessing, notes = source_preprocessing.from_hf(_read_json(processor_file), str(processor_file))
     labels = config.get("id2label") or {}
     names = [labels[str(i)] for i in range(len(labels))] if all(str(i) in labels for i in range(len(labels))) else []
     return Imported(params, num_heads or int(config["num_attention_heads"]), _grid_image_size(params),
-                    float(config.get("layer_norm_eps", 1e-12)), act != "gelu",
-                    # ViTImageProcessor's defaults when the folder has no preprocessor_config.json.
-                    _triple(processor.get("image_mean", 0.5)), _triple(processor.get("image_std", 0.5)),
-                    None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names)
+                    float(config.get("layer_norm_eps", 1e-12)), act != "gelu", preprocessing,
+                    None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names, notes)
 
 
 def _from_timm(src: Path, num_heads: Optional[int]) -> Imported:
     state = _strip_prefix(_read_state(src), "model.")
     params = _split_qkv(_rename(state, TIMM_NAMES, src))
     config = _read_json(src.parent / "config.json") or {}
-    pretrained = config.get("pretrained_cfg", {})
-    imported = Imported(params, 0, _grid_image_size(params), 1e-6, False, _triple(pretrained.get("mean")),
-                        _triple(pretrained.get("std")), config.get("label_names"))
+    imported = Imported(params, 0, _grid_image_size(params), 1e-6, False, classes=config.get("label_names"))
+    imported.preprocessing = _timm_preprocessing(config, src.parent / "config.json", imported.notes)
     imported.num_heads = num_heads or _heads_from_name(config.get("architecture", "")) or _standard_heads(imported)
     return imported
+
+
+def _timm_preprocessing(config: dict, where: Path, notes: list[str]) -> Optional[Preprocessing]:
+    """The pretrained_cfg timm's hub files carry in config.json, else timm's own for the model name
+    config.json gives (when timm is installed), else unknown (said in a note)."""
+    pretrained, origin = config.get("pretrained_cfg"), str(where)
+    architecture = config.get("architecture")
+    if not isinstance(pretrained, dict) and isinstance(architecture, str):
+        pretrained = source_preprocessing.from_timm_name(architecture)
+        origin = f"timm's pretrained_cfg of {architecture}"
+    if not isinstance(pretrained, dict):
+        notes.append(f"the source's preprocessing is unknown: {where} gives no pretrained_cfg"
+                     + (f" and timm (if installed) does not know {architecture!r}" if architecture else "")
+                     + "; --config-out keeps data.interpolation, eval_crop_fraction, mean and std as they are")
+        return None
+    preprocessing, more = source_preprocessing.from_timm(pretrained, origin)
+    notes.extend(more)
+    return preprocessing
 
 
 def _from_mindcv(src: Path, num_heads: Optional[int]) -> Imported:
@@ -190,7 +207,7 @@ def _from_mindcv(src: Path, num_heads: Optional[int]) -> Imported:
     params = _split_qkv(_rename(state, MINDCV_NAMES if legacy else TIMM_NAMES, src))
     imported = Imported(params, 0, _grid_image_size(params),
                         # The legacy ViT uses nn.LayerNorm's epsilon (1e-7) and nn.GELU's default (tanh).
-                        1e-7 if legacy else 1e-6, legacy)
+                        1e-7 if legacy else 1e-6, legacy, source_preprocessing.MINDCV)
     imported.num_heads = num_heads or _standard_heads(imported)
     return imported
 
@@ -328,13 +345,6 @@ def _standard_heads(imported: Imported) -> int:
     return heads
 
 
-def _triple(value) -> Optional[tuple[float, float, float]]:
-    if value is None:
-        return None
-    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-    return tuple(values) if len(values) == 3 else None
-
-
 def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
     """(size_out, size_in) weights of PyTorch's bicubic resize (align_corners=False, A=-0.75,
     border samples repeated), so that resampling agrees with timm's and Hugging Face's."""
@@ -402,7 +412,7 @@ def save_imported(imported: Imported, out: str | Path, source: str) -> Path:
 
 
 def apply_to_config(cfg, imported: Imported, weights: Path) -> None:
-    """The model section (and image size, normalisation) that reproduces the source, fine-tuning from weights."""
+    """The model section, image size and eval preprocessing that reproduce the source, fine-tuning from weights."""
     m = cfg.model
     widths = (imported.embed_dim, imported.depth, imported.num_heads)
     m.variant = next((name for name, w in VIT_VARIANTS.items() if w == widths), m.variant)
@@ -411,8 +421,8 @@ def apply_to_config(cfg, imported: Imported, weights: Path) -> None:
     m.layer_norm_eps, m.gelu_approximate = imported.layer_norm_eps, imported.gelu_approximate
     m.pretrained = str(weights.resolve())
     cfg.data.image_size = imported.image_size
-    if imported.mean is not None and imported.std is not None:
-        cfg.data.mean, cfg.data.std = imported.mean, imported.std
+    if imported.preprocessing is not None:
+        imported.preprocessing.apply(cfg.data)
 
 
 def describe(imported: Imported) -> str:
