@@ -1,7 +1,6 @@
 """`vit-dist demo-data` writes the same real-image ImageFolder every time, digits or photos."""
 import hashlib
 
-import pytest
 from PIL import Image
 
 from conftest import ok, vit_dist
@@ -25,7 +24,6 @@ def test_demo_data_is_a_deterministic_image_folder(tmp_path):
 
 
 def test_photos_are_imagenet_size_jpegs_of_every_class_in_both_splits(tmp_path):
-    pytest.importorskip("skimage")
     for name in ("a", "b"):
         result = ok(vit_dist("demo-data", str(tmp_path / name), "--photos", "80"))
         assert result.stdout.strip() == f"wrote 72 train and 8 val photos (500x375 JPEG) to {tmp_path / name}"

@@ -16,8 +16,12 @@ from vit_dist.cli import main
 from vit_dist.host.config import load_config
 from vit_dist.tools.infer import preprocess, write_predictions
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
+pytestmark = pytest.mark.xdist_group("pretrained")
+
+# The test extra installs them: a machine without them fails here rather than skipping in silence.
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 
 def hf_vit(folder, **config):
@@ -169,7 +173,7 @@ def test_timm_weights_keep_timms_preprocessing_and_eval_gives_timms_pixels(tmp_p
     (create_transform of that data config): same pixels, to float rounding. A photo whose resize
     leaves an even margin: on an odd one, MindSpore's center crop floors half the margin where
     torchvision rounds it, a one-pixel shift (docs/weights.md)."""
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.data import create_transform, resolve_data_config
     from timm.models import save_for_hf
 

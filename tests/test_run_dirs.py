@@ -11,6 +11,9 @@ import pytest
 from conftest import PYTHON, ROOT, ok, run, tiny_config, tool_env
 from vit_dist.host.run_record import remove_unstarted_run_dir
 
+# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
+pytestmark = pytest.mark.xdist_group("run_dirs")
+
 
 def vit_dist_in(cwd: Path, *args: str):
     """vit-dist run from `cwd`, where a run without train.output_dir makes its runs/<timestamp> folder."""
