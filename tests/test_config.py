@@ -9,11 +9,20 @@ from vit_dist.host.config import ConfigError, dump_yaml, load_config, validate
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "vit_s16_imagenet.yaml", "vit_b16_imagenet.yaml",
-                                  "vit_l16_imagenet.yaml"])
-def test_shipped_configs_load(name):
-    cfg = load_config(CONFIGS / name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda path: path.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
     assert cfg.data.image_size % cfg.model.patch_size == 0
+
+
+@pytest.mark.parametrize("variant, width", [("ti", 192), ("s", 384), ("b", 768)])
+def test_the_deit_recipes_turn_on_every_part_of_deits_recipe(variant, width):
+    cfg = load_config(CONFIGS / f"deit_{variant}16_imagenet.yaml")
+    d, t = cfg.data, cfg.train
+    assert cfg.model.embed_dim == width and cfg.model.drop_path_rate == 0.1 and t.epochs == 300
+    assert (d.interpolation, d.rand_augment, d.random_erasing, d.mixup_alpha, d.cutmix_alpha,
+            d.repeated_augmentation) == ("bicubic", "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 3)
+    assert (t.lr, t.lr_base_batch, t.weight_decay, t.label_smoothing, t.warmup_epochs) == (5e-4, 512, 0.05, 0.1, 5)
 
 
 def test_variant_fills_widths_and_explicit_keys_win():
