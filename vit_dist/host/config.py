@@ -67,6 +67,7 @@ class DataConfig:
     # Per-channel normalisation of [0, 1] pixels; pretrained weights expect their own (HF ViTs: 0.5, 0.5).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    repeated_augmentation: int = 1  # >1: DeiT's repeated augmentation, each drawn image this many times per epoch
 
 
 @dataclass
@@ -303,6 +304,9 @@ def validate(cfg: Config) -> None:
     if min(d.std) <= 0 or not all(0.0 <= v <= 1.0 for v in d.mean):
         raise ConfigError(f"data.mean must be 3 values in [0, 1] and data.std 3 values > 0 (pixels scaled to "
                           f"[0, 1]), got mean {list(d.mean)} std {list(d.std)}")
+    if d.repeated_augmentation < 1:
+        raise ConfigError(f"data.repeated_augmentation must be at least 1 (1: off; DeiT uses 3), got "
+                          f"{d.repeated_augmentation}")
     if d.num_workers < 1:
         raise ConfigError(f"data.num_workers must be at least 1, got {d.num_workers}")
     if p.threads_per_rank < 0:
