@@ -91,6 +91,7 @@ class TrainConfig:
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
     resume: Optional[str] = None  # null | auto (newest verified checkpoint in output_dir) | a checkpoint path
     compile_cache: Optional[str] = None  # null | a directory: MindSpore's compiled graphs, reused by the next launch
+    recompute: bool = False  # recompute each encoder block's activations in the backward pass (less memory)
 
     @property
     def eval_batch(self) -> int:
