@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import last_checkpoint, load_params, msrun, ok, tiny_config, vit_dist
+from vit_dist.host import planner
 from vit_dist.host.config import compile_cache_dir, load_config
 
 TINY = {"model": {"num_classes": 3}}
@@ -21,8 +22,9 @@ def last_json(result) -> dict:
 def test_bench_reports_throughput_compile_time_and_mfu_and_fills_the_compile_cache(tmp_path, tiny_data):
     cache = tmp_path / "cache"
     config = tiny_config(tmp_path / "c.yaml", tiny_data, **TINY)
-    result = last_json(vit_dist("bench", str(config), "--steps", "3", "--warmup", "1", "--peak-gflops", "50",
-                                "--json", "--set", f"train.compile_cache={cache}"))
+    out = ok(vit_dist("bench", str(config), "--steps", "3", "--warmup", "1", "--peak-gflops", "50", "--json", "--set",
+                      f"train.compile_cache={cache}")).stdout
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["world_size"] == 1 and result["steps"] == 3 and result["batch_per_device"] == 8
     assert result["images_per_sec"] == pytest.approx(result["images_per_sec_per_device"], rel=1e-6)
     assert result["images_per_sec_min"] <= result["images_per_sec"] <= result["images_per_sec_max"]
@@ -30,9 +32,16 @@ def test_bench_reports_throughput_compile_time_and_mfu_and_fills_the_compile_cac
     assert result["compile_s"] > 0 and result["first_step_s"] > result["step_ms"] / 1000
     assert result["train_gflops_per_image"] == pytest.approx(TINY_TRAIN_FLOPS / 1e9)
     assert result["mfu"] == pytest.approx(TINY_TRAIN_FLOPS * result["images_per_sec_per_device"] / 50e9, rel=1e-6)
-    assert result["peak_memory_mib"] > 100
+    # The plan's figure for the step beside the measured one: the peak less what the process held before the
+    # model was built (MindSpore's libraries).
+    cfg = load_config(config, [f"train.compile_cache={cache}"])
+    assert result["fused_cpu_kernels"]
+    assert result["plan_memory_mib"] == pytest.approx(planner.step_estimate(cfg, 1, True).total_gb * 1024)
+    step = result["peak_memory_mib"] - result["memory_before_model_mib"]
+    assert result["memory_before_model_mib"] > 100 and step == pytest.approx(result["plan_memory_mib"], rel=0.3), result
+    assert f"the step took {step:.0f} MiB, the plan says {result['plan_memory_mib']:.0f} MiB" in out
     # The compiled graph is saved under the folder keyed by the computation (see the key test).
-    key = compile_cache_dir(load_config(config, [f"train.compile_cache={cache}"]), "train", 1)
+    key = compile_cache_dir(cfg, "train", 1)
     assert list(Path(key).glob("rank_0/graph_cache/*.mindir"))
 
 

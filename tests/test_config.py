@@ -67,6 +67,8 @@ def test_unknown_section_and_override_key():
      r"parallel\.device_target 'TPU' is not supported; use one of auto, Ascend, GPU, CPU"),
     ("model.num_heads=5", r"model\.embed_dim 768 is not divisible by model\.num_heads 5"),
     ("train.batch_size=0", r"train\.batch_size must be at least 1"),
+    ("data.repeated_augmentation=0", r"data\.repeated_augmentation must be at least 1 \(1: off; DeiT uses 3\), got 0"),
+    ("train.recompute=2", r"train\.recompute must be true or false, got 2"),
     # NaN and infinities (YAML's .nan, .inf) are numbers to the parser, never a usable value.
     ("train.lr=.nan", r"train\.lr must be a finite number, got nan"),
     ("train.weight_decay=.inf", r"train\.weight_decay must be a finite number, got inf"),

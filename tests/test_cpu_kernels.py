@@ -163,3 +163,37 @@ def test_only_float32_cpu_training_is_fused_and_a_missing_compiler_falls_back(tm
     with pytest.raises(ConfigError, match=r"the fused CPU kernels' cache folder .* is not yours alone.*fused_cpu_kernels=false"):
         build_library(cache_dir=shared)
     assert list(shared.iterdir()) == []
+
+
+def test_recompute_trains_as_without_it_with_stochastic_depth(library):
+    """train.recompute recomputes each block's norms, attention and MLP (the fused kernels' custom ops
+    included) in the backward pass of the step compiled as training compiles it (graph mode): the same
+    losses and weights, stochastic depth on (recomputing whole blocks drew other masks)."""
+    import mindspore as ms
+
+    from vit_dist.host.placement import Placement
+    from vit_dist.training.assemble import build_training
+
+    rng = np.random.default_rng(0)
+    images = ms.Tensor(rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    labels = ms.Tensor(rng.integers(0, 4, 8).astype(np.int32))
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    runs = []
+    try:
+        for recompute in (False, True):
+            cfg = load_config(None, TINY + ["model.drop_path_rate=0.3", "parallel.threads_per_rank=1",
+                                            f"train.recompute={str(recompute).lower()}"])
+            run = build_training(cfg, 4, Placement.single(), print)
+            assert run.backend.fused
+            # MindSpore marks the Cells it recomputes by their scope: the four layers of each block, not its drop path.
+            assert [[layer._scope == "recompute_" for layer in (b.norm1, b.attn, b.norm2, b.mlp, b.drop_path)]
+                    for b in run.net.blocks] == [[recompute] * 4 + [False]] * 2
+            losses = [float(run.step(images, labels, ms.Tensor(5e-4, ms.float32))[0].asnumpy()) for _ in range(3)]
+            runs.append((losses, {p.name: p.asnumpy() for p in run.net.trainable_params()}))
+    finally:
+        ms.set_context(mode=mode)
+    (plain_losses, plain), (recomputed_losses, recomputed) = runs
+    assert recomputed_losses == pytest.approx(plain_losses, rel=1e-6)
+    worst = worst_relative_difference(recomputed, plain)
+    assert worst[0] < 1e-6, worst

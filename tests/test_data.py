@@ -1,11 +1,14 @@
-"""The ImageFolder scan, sharding by rank, transforms, and the eval padding mask, on real image files."""
+"""The ImageFolder scan, sharding by rank, repeated augmentation, transforms, and the eval padding mask,
+on real image files."""
+import dataclasses
+
 import mindspore.dataset.vision as vision
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from vit_dist.data import pipeline
+from vit_dist.data import pipeline, sampler
 from vit_dist.host import datascan as data
 from vit_dist.host.config import load_config
 from vit_dist.host.errors import ConfigError, DataError
@@ -52,7 +55,8 @@ def test_batch_larger_than_shard_is_refused():
 
 
 def _shard_labels_and_pixels(cfg, split, classes, rank, world):
-    dataset = pipeline._image_folder(split, classes, False, rank, world, pipeline.eval_transforms(cfg.data), 1)
+    dataset = pipeline._image_folder(split, classes, pipeline.shard_sampler(split, False, rank, world),
+                                     pipeline.eval_transforms(cfg.data), 1)
     return [(int(label), image.tobytes()) for image, label in dataset.create_tuple_iterator(output_numpy=True)]
 
 
@@ -80,6 +84,73 @@ def test_shuffled_shards_stay_disjoint_and_reshuffle_each_epoch(tiny_data):
     assert epochs[0][0] != epochs[0][1]
 
 
+@pytest.mark.parametrize("images, repeats, ranks", [(48, 3, 4), (50, 2, 2), (47, 3, 3), (45, 4, 8), (45, 2, 3)])
+def test_repeated_augmentation_deals_each_images_copies_to_different_ranks_of_one_step(images, repeats, ranks):
+    draws = np.array([sampler.repeated_indices(images, repeats, rank, ranks, epoch=0, seed=5) for rank in range(ranks)])
+    # Each rank draws a DistributedSampler shard's worth, so the loop's steps per epoch hold.
+    assert draws.shape == (ranks, data.shard_size(images, ranks))
+    # The draws of one step position, rank after rank, are runs of one image `repeats` long: every rank
+    # took its position of one shared order (with another order per rank the runs would break up).
+    dealt = draws.T.reshape(-1)
+    runs = [dealt[i:i + repeats] for i in range(0, len(dealt), repeats)]
+    assert all(len(set(run)) == 1 for run in runs)
+    assert len({run[0] for run in runs}) == len(runs)  # no image comes back in a later run
+    # So each drawn image has `repeats` copies (but the last, cut by the epoch's length), each on another
+    # rank, at the same or the next step position; no rank sees an image twice in the epoch.
+    copies = {int(image): np.argwhere(draws == image) for image in np.unique(draws)}
+    assert sorted(len(where) for where in copies.values())[1:] == [repeats] * (len(copies) - 1)
+    for where in copies.values():
+        ranks_of_copies, positions = where[:, 0], where[:, 1]
+        assert len(set(ranks_of_copies)) == len(where) and positions.max() - positions.min() <= 1
+    assert len(copies) == -(-draws.size // repeats)
+
+
+def test_repeated_augmentation_reshuffles_by_epoch_and_seed_alone():
+    first = sampler.repeated_indices(40, 3, 1, 2, epoch=0, seed=5)
+    np.testing.assert_array_equal(sampler.repeated_indices(40, 3, 1, 2, epoch=0, seed=5), first)
+    assert not np.array_equal(sampler.repeated_indices(40, 3, 1, 2, epoch=1, seed=5), first)
+    assert not np.array_equal(sampler.repeated_indices(40, 3, 1, 2, epoch=0, seed=6), first)
+    # Unshuffled: the file order, repeated and dealt.
+    assert sampler.repeated_indices(10, 2, 1, 2, epoch=3, seed=5, shuffle=False).tolist() == [0, 1, 2, 3, 4]
+
+
+def _draws(cfg, split, classes, shard, epochs, init_step=0):
+    """The images (bytes) of each batch shard `shard` of 2 reads in `epochs` epochs, from init_step on."""
+    dataset = pipeline.train_dataset(cfg, split, classes, shard, 2, cfg.train.batch_size)
+    dataset.set_init_step(init_step)
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
+    per_epoch = dataset.get_dataset_size()
+    return [[image.tobytes() for image in images] for _ in range(epochs - init_step // per_epoch)
+            for images, _ in iterator]
+
+
+def test_the_pipeline_draws_the_repeated_shards_of_the_kept_files_and_resumes_exactly(tiny_data):
+    """Two shards of the 48 tiny images with 6 of them excluded as bad, N=2: each draws the sampler's
+    positions in the kept files (told apart by their pixels, augmentation off); with random crops on, a
+    pipeline resumed mid-epoch (set_init_step) draws the uninterrupted run's images, crops included."""
+    overrides = [f"data.root={tiny_data}", "data.image_size=16", "train.batch_size=4", "data.num_workers=1",
+                 "data.repeated_augmentation=2", "train.seed=3"]
+    cfg = load_config(None, overrides + ["data.augment=false"])
+    scanned, _, classes = data.scan_dataset(cfg.data)
+    split = dataclasses.replace(scanned, bad=tuple((i, "test") for i in (0, 5, 17, 30, 31, 47)))
+    kept = split.kept()
+    pixels = [image.tobytes() for image, _ in pipeline._image_folder(
+        scanned, classes, pipeline.shard_sampler(scanned, False, 0, 1), pipeline.eval_transforms(cfg.data), 1
+    ).create_tuple_iterator(output_numpy=True)]
+    file_of = {image: i for i, image in enumerate(pixels)}
+    per_epoch = data.steps_per_epoch(split.num_images, 2, 4)
+    for shard in range(2):
+        drawn = [file_of[image] for batch in _draws(cfg, split, classes, shard, 2) for image in batch]
+        expected = [kept[i] for epoch in range(2)
+                    for i in sampler.repeated_indices(42, 2, shard, 2, epoch, seed=3)[:per_epoch * 4]]
+        assert drawn == expected
+    cfg = load_config(None, overrides)
+    whole = _draws(cfg, split, classes, 1, 2)
+    assert len(whole) == 2 * per_epoch
+    for step in (per_epoch - 1, per_epoch + 2):
+        assert _draws(cfg, split, classes, 1, 2, init_step=step) == whole[step:]
+
+
 @pytest.mark.parametrize("mode, suffix, kwargs", [
     ("L", ".png", {}), ("RGBA", ".png", {}), ("P", ".png", {}), ("CMYK", ".jpg", {}),
     ("RGB", ".jpg", {"progressive": True}), ("I;16", ".png", {}), ("LA", ".png", {}), ("RGB", ".bmp", {}),
@@ -95,7 +166,7 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode, suffix, kwargs):
     cfg = load_config(None, [f"data.root={tmp_path}", "data.image_size=16"])
     train, val, classes = data.scan_dataset(cfg.data)
     for transforms in (pipeline.train_transforms(cfg.data), pipeline.eval_transforms(cfg.data)):
-        dataset = pipeline._image_folder(train, classes, False, 0, 1, transforms, 1)
+        dataset = pipeline._image_folder(train, classes, pipeline.shard_sampler(train, False, 0, 1), transforms, 1)
         (out, _), = list(dataset.create_tuple_iterator(output_numpy=True))
         assert out.shape == (3, 16, 16) and out.dtype == np.float32
 

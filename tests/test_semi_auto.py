@@ -307,6 +307,34 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
         planner.plan(cfg, 64, 3, 24.0)
 
 
+def test_the_plan_counts_recompute_the_optimizers_buffers_and_the_cpu_runtime():
+    """ViT-B/16 at batch 4, float32, one CPU rank (data mode), as vit-dist bench plans it."""
+    b16 = ROOT / "configs" / "vit_b16_imagenet.yaml"
+    cpu = ["parallel.device_target=CPU", "precision.amp_level=O0", "precision.loss_scale=none", "train.batch_size=4"]
+    plain = planner.step_estimate(load_config(b16, cpu), 1)
+    recomputed = planner.step_estimate(load_config(b16, cpu + ["train.recompute=true"]), 1)
+    params, tokens, dim, depth, batch, gib, mib = 86_567_656, 197, 768, 12, 4, 1024 ** 3, 1024 ** 2
+    # Recompute keeps per block and image the residual stream before the attention and the MLP and both norms'
+    # results (4 float32 tokens x dim), and holds one block's activations (tested above) again while recomputing it.
+    block = planner.activation_bytes(planner.model_of(load_config(b16, cpu)), batch, "O0") / depth
+    kept = depth * batch * 4 * tokens * dim * 4
+    assert (plain.activation_gb - recomputed.activation_gb) * gib == pytest.approx(depth * block - kept - block)
+    assert recomputed.total_gb - recomputed.activation_gb == pytest.approx(plain.total_gb - plain.activation_gb)
+    # Data mode: the gradients per parameter and packed into FlatAdamW's buffers; its two moments and work copy.
+    assert (plain.parameter_gb, plain.gradient_gb, plain.optimizer_gb) == pytest.approx(
+        (params * 4 / gib, 2 * params * 4 / gib, 3 * params * 4 / gib))
+    # The CPU runtime: the compiled graph (95 MiB + 20 per block with the fused kernels) and 16 bytes per
+    # element of every output whose bias Add adds: out and fc2 per block, the patch embedding, the head.
+    bias_outputs = depth * 2 * tokens * dim + 196 * dim + 1000
+    assert plain.runtime_gb * gib == pytest.approx((95 + 20 * depth) * mib + 16 * batch * bias_outputs)
+    stock = planner.step_estimate(load_config(b16, cpu + ["parallel.fused_cpu_kernels=false"]), 1)
+    assert (stock.runtime_gb - plain.runtime_gb) * gib == pytest.approx(
+        12 * depth * mib + 16 * batch * depth * tokens * (3 * dim + 4 * dim))  # and q, k, v and fc1
+    # semi_auto on Ascend: the gradients once, no runtime figure.
+    semi = planner.step_estimate(load_config(b16, SEMI + ["parallel.model_parallel=2"]), 8)
+    assert semi.gradient_gb == pytest.approx(semi.params_per_device * 4 / gib) and semi.runtime_gb == 0
+
+
 def _strategy_and_slices(run_dir, net, mp):
     """A strategy file and per-rank slices written by our own known layout (dp 1 x mp): column-parallel
     weights split on out, row-parallel on in, the rest whole; the format MindSpore's parallel compile writes."""

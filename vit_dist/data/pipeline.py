@@ -12,6 +12,7 @@ import mindspore.dataset.vision as vision
 
 from vit_dist.data.batch_augment import BatchAugment
 from vit_dist.data.mixup import Mixup
+from vit_dist.data.sampler import RepeatedAugmentationSampler
 from vit_dist.host.config import Config, DataConfig
 from vit_dist.host.datascan import READ_EXTENSIONS, Split
 from vit_dist.host.rand_augment import LEVELS, parse_rand_augment
@@ -71,17 +72,26 @@ def eval_transforms(cfg: DataConfig) -> list:
             vision.CenterCrop(cfg.image_size)] + _normalize_ops(cfg)
 
 
-def _image_folder(split: Split, classes: dict[str, int], shuffle: bool, rank: int, world_size: int,
-                  transforms: list, num_workers: int):
+def shard_sampler(split: Split, shuffle: bool, shard: int, num_shards: int, repeats: int = 1, seed: int = 0):
+    """Shard `shard` of `num_shards` of the split's kept files: a DistributedSampler (reshuffled every
+    epoch from ds.config's seed when shuffled), or with repeats > 1 the repeated-augmentation sampler
+    (reshuffled every epoch from `seed`). Either draws datascan.shard_size(num_images, num_shards) a pass."""
+    if repeats > 1:
+        sampler = RepeatedAugmentationSampler(split.num_images, repeats, shard, num_shards, seed, shuffle)
+    else:
+        sampler = ds.DistributedSampler(num_shards=num_shards, shard_id=shard, shuffle=shuffle)
+    # The parent's positions index the child's list: the shard is drawn from the kept files only.
+    if split.excluded:
+        sampler.add_child(ds.SubsetSampler(split.kept()))
+    return sampler
+
+
+def _image_folder(split: Split, classes: dict[str, int], sampler, transforms: list, num_workers: int):
     # A file that fails to decode although the check passed it (changed since, or a decoder quirk) is
     # replaced by a healthy sample, and MindSpore's log names it, instead of ending the job. REPLACE
     # rather than SKIP: every rank keeps its batch count, so no rank waits for another in a collective.
     # The setting is MindSpore's global one; every pipeline here wants it.
     ds.config.set_error_samples_mode(ds.config.ErrorSamplesMode.REPLACE)
-    # The shard is drawn from the kept files only; a shuffled one reshuffles every epoch from the seed.
-    sampler = ds.DistributedSampler(num_shards=world_size, shard_id=rank, shuffle=shuffle)
-    if split.excluded:
-        sampler.add_child(ds.SubsetSampler(split.kept()))
     dataset = ds.ImageFolderDataset(str(split.path), sampler=sampler, class_indexing=classes,
                                     extensions=list(READ_EXTENSIONS), decode=False)
     dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=num_workers)
@@ -98,8 +108,8 @@ def train_dataset(cfg: Config, split: Split, classes: dict[str, int], shard: int
     # A resumed run (Dataset.set_init_step) replays the consumed batches' random ops too, so it draws the
     # uninterrupted run's crops and flips: fast recovery would skip them and draw others.
     ds.config.set_fast_recovery(False)
-    dataset = _image_folder(split, classes, cfg.data.shuffle, shard, num_shards, train_transforms(cfg.data),
-                            cfg.data.num_workers)
+    sampler = shard_sampler(split, cfg.data.shuffle, shard, num_shards, cfg.data.repeated_augmentation, cfg.train.seed)
+    dataset = _image_folder(split, classes, sampler, train_transforms(cfg.data), cfg.data.num_workers)
     augment = batch_augment(cfg, len(classes), shard)
     if augment is None:
         return dataset.batch(batch_size, drop_remainder=True)
@@ -121,7 +131,8 @@ def batch_augment(cfg: Config, num_classes: int, shard: int) -> Optional[BatchAu
 def eval_dataset(cfg: Config, split: Split, classes: dict[str, int], rank: int, world_size: int, batch_size: int):
     """This rank's shard in file order; rank r's i-th image is the dataset's (i * world + r)-th,
     so the padding ImageFolderDataset appends can be told apart (see training/evaluate.py)."""
-    dataset = _image_folder(split, classes, False, rank, world_size, eval_transforms(cfg.data), cfg.data.num_workers)
+    dataset = _image_folder(split, classes, shard_sampler(split, False, rank, world_size), eval_transforms(cfg.data),
+                            cfg.data.num_workers)
     return dataset.batch(batch_size, drop_remainder=False)
 
 

@@ -81,6 +81,7 @@ class DataConfig:
     cutmix_alpha: float = 0.0  # [--cutmix]
     mixup_prob: float = 1.0  # chance that a batch is mixed at all [--mixup-prob]
     mixup_switch_prob: float = 0.5  # with both alphas > 0: chance of cutmix rather than mixup [--mixup-switch-prob]
+    repeated_augmentation: int = 1  # >1: DeiT's repeated augmentation, each drawn image this many times per epoch
 
     @property
     def mixes(self) -> bool:
@@ -110,6 +111,7 @@ class TrainConfig:
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans all epochs
     resume: Optional[str] = None  # null | auto (newest verified checkpoint in output_dir) | a checkpoint path
     compile_cache: Optional[str] = None  # null | a directory: MindSpore's compiled graphs, reused by the next launch
+    recompute: bool = False  # recompute each encoder block's activations in the backward pass (less memory)
 
     @property
     def eval_batch(self) -> int:
@@ -325,6 +327,9 @@ def validate(cfg: Config) -> None:
     if min(d.std) <= 0 or not all(0.0 <= v <= 1.0 for v in d.mean):
         raise ConfigError(f"data.mean must be 3 values in [0, 1] and data.std 3 values > 0 (pixels scaled to "
                           f"[0, 1]), got mean {list(d.mean)} std {list(d.std)}")
+    if d.repeated_augmentation < 1:
+        raise ConfigError(f"data.repeated_augmentation must be at least 1 (1: off; DeiT uses 3), got "
+                          f"{d.repeated_augmentation}")
     if d.num_workers < 1:
         raise ConfigError(f"data.num_workers must be at least 1, got {d.num_workers}")
     if p.threads_per_rank < 0:

@@ -7,6 +7,7 @@ Every rank runs the same steps; per-rank figures are reduced so rank 0 reports t
 from __future__ import annotations
 
 import itertools
+import os
 import resource
 import statistics
 import time
@@ -14,7 +15,7 @@ import time
 import numpy as np
 
 from vit_dist.data import pipeline
-from vit_dist.host import datascan
+from vit_dist.host import datascan, planner
 from vit_dist.host.config import Config
 from vit_dist.host.cpu_time import cpu_seconds
 from vit_dist.host.placement import Placement
@@ -94,6 +95,16 @@ def time_steps(run: Training, batches: list, lr, steps: int, warmup: int) -> dic
     return {"first": first, "waits": waits, "computes": computes}
 
 
+def memory_mib(device_target: str) -> float:
+    """Resident memory of this process now on the CPU backend; the device allocator's use elsewhere."""
+    if device_target == "CPU":
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    import mindspore as ms
+
+    return ms.runtime.memory_allocated() / 2 ** 20
+
+
 def peak_memory_mib(device_target: str) -> float:
     """Peak resident memory of this process on the CPU backend; the device allocator's peak elsewhere."""
     if device_target == "CPU":
@@ -127,7 +138,6 @@ def summarize(cfg: Config, placement: Placement, batch: int, times: dict, peak_g
         "compute_ms": 1000 * statistics.median(times["computes"]),
         "compile_s": times["first"] - median_step,
         "first_step_s": times["first"],
-        "peak_memory_mib": peak_memory_mib(cfg.parallel.device_target),
         "train_gflops_per_image": flops / 1e9,
         "achieved_gflops_per_device": flops * median / 1e9,
         "peak_gflops": peak_gflops,
@@ -140,12 +150,17 @@ def bench_train(cfg: Config, placement: Placement, steps: int, warmup: int, peak
     backend layers and all), on synthetic batches of the shape its pipeline yields."""
     import mindspore as ms
 
+    # What the process holds before the model exists (the interpreter, MindSpore's libraries): the rest of
+    # its peak is the step's, which the plan estimates.
+    before_model = memory_mib(cfg.parallel.device_target)
     run = build_training(cfg, cfg.model.num_classes, placement, lambda line: say(line, placement.is_main))
     batch = run.dims.global_batch if run.dims.semi_auto else run.dims.rank_batch  # semi_auto's graph sees all
     times = time_steps(run, synthetic_batches(cfg, batch), ms.Tensor(cfg.train.lr, ms.float32), steps, warmup)
+    memory = {"peak_memory_mib": peak_memory_mib(cfg.parallel.device_target), "memory_before_model_mib": before_model,
+              "plan_memory_mib": planner.step_estimate(cfg, placement.world_size, run.backend.fused).total_gb * 1024}
     # Measured after the steps, so the peak is taken on the same (possibly shared) machine state.
     peak = peak_gflops or matmul_peak_gflops()
-    return {**summarize(cfg, placement, batch, times, peak), "fused_cpu_kernels": run.backend.fused}
+    return {**summarize(cfg, placement, batch, times, peak), **memory, "fused_cpu_kernels": run.backend.fused}
 
 
 def bench_data(cfg: Config, placement: Placement, batches: int) -> dict:
@@ -186,8 +201,10 @@ def format_train(result: dict) -> str:
             f"step {r['step_ms']:.1f} ms = data wait {r['data_wait_ms']:.2f} ms + compute {r['compute_ms']:.1f} ms; "
             f"first step {r['first_step_s']:.1f} s (compile {r['compile_s']:.1f} s)\n"
             f"{r['train_gflops_per_image']:.3f} train GFLOPs/image, {r['achieved_gflops_per_device']:.1f} GFLOP/s "
-            f"per device, MFU {100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s (fp32 MatMul peak); "
-            f"peak memory {r['peak_memory_mib']:.0f} MiB")
+            f"per device, MFU {100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s (fp32 MatMul peak)\n"
+            f"peak memory {r['peak_memory_mib']:.0f} MiB, {r['memory_before_model_mib']:.0f} of it before the model "
+            f"was built: the step took {r['peak_memory_mib'] - r['memory_before_model_mib']:.0f} MiB, "
+            f"the plan says {r['plan_memory_mib']:.0f} MiB (vit-dist plan)")
 
 
 def format_data(result: dict) -> str:

@@ -47,9 +47,21 @@ def build_model(cfg: Config, num_classes: int, placement: Placement, say: Callab
         semi_auto.apply_strategies(net, dims.dp, dims.mp, cfg.parallel.head)
     if training and cfg.model.pretrained:
         checkpoint.load_pretrained(net, cfg.model.pretrained, say)
+    if training and cfg.train.recompute:
+        recompute_blocks(net)
     net = apply_mixed_precision(net, cfg.precision)
     net.set_train(training)
     return net, backend
+
+
+def recompute_blocks(net: VisionTransformer) -> None:
+    """Each encoder block's norms, attention and MLP recompute their inner activations in the backward
+    pass instead of keeping them; their inputs and outputs are kept. The block's drop path stays outside
+    the recomputed layers: recomputing whole blocks merged the two draws of a block's drop path into one
+    (MindSpore keeps the order of a recomputed cell's Parameter writes only by chance), which trains differently."""
+    for block in net.blocks:
+        for layer in (block.norm1, block.attn, block.norm2, block.mlp):
+            layer.recompute()
 
 
 def build_training(cfg: Config, num_classes: int, placement: Placement, say: Callable[[str], None],

@@ -11,6 +11,7 @@ import math
 
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 from mindspore.experimental.optim import AdamW
 
 from vit_dist.host.config import TrainConfig
@@ -75,8 +76,11 @@ class FlatAdamW(nn.Cell):
         self.weight_decay = tuple(Tensor(decay, ms.float32) for _, _, decay in groups)
 
         def buffers(kind: str) -> ParameterTuple:
-            return ParameterTuple(Parameter(ops.zeros(sum(group_sizes), ms.float32), name=f"adamw.{kind}.{name}",
-                                            requires_grad=False) for (name, _, _), group_sizes in zip(groups, sizes))
+            # Zeros from an initializer, not ops.zeros: that runs a kernel whose output stays in MindSpore's
+            # memory pool beside the Parameter's copy (the three buffers took 5 x the parameters' bytes, not 3).
+            return ParameterTuple(Parameter(initializer("zeros", (sum(group_sizes),), ms.float32),
+                                            name=f"adamw.{kind}.{name}", requires_grad=False)
+                                  for (name, _, _), group_sizes in zip(groups, sizes))
 
         self.exp_avg = buffers("exp_avg")
         self.exp_avg_sq = buffers("exp_avg_sq")
