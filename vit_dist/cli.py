@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vit_dist import __version__, bootstrap
+from vit_dist.host.checkpoint_files import require_ema
 from vit_dist.host.config import Config, compile_cache_dir, load_config
 from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
@@ -58,19 +59,28 @@ def cmd_train(args) -> int:
         print(f"merged checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)
     elif placement.is_main:
-        print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
+        ema = (f" (EMA top-1 {100 * result['ema_top1']:.2f}% top-5 {100 * result['ema_top5']:.2f}%)"
+               if "ema_top1" in result else "")
+        print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%{ema} "
               f"on {result['images']} images; checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)
     return 0
 
 
+def _check_ema(args) -> None:
+    """--ema on a checkpoint without EMA weights is one line before anything starts."""
+    if args.ema and args.ckpt:
+        require_ema(args.ckpt)
+
+
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set)
+    _check_ema(args)
     placement, run_dir, scan = _start(cfg, "eval")
     from vit_dist.training.evaluate import evaluate_checkpoint  # imports MindSpore: after bootstrap
 
     record = RunRecord(run_dir, placement.is_main)
-    result = evaluate_checkpoint(cfg, args.ckpt, placement, scan, record.say)
+    result = evaluate_checkpoint(cfg, args.ckpt, placement, scan, record.say, args.ema)
     record.write_config(cfg)
     record.write_eval(result)
     if placement.is_main:
@@ -88,8 +98,9 @@ def cmd_infer(args) -> int:
     from vit_dist.tools.infer import find_images, format_prediction, run_inference
 
     find_images(args.images)  # a wrong path is one line before the backend starts
+    _check_ema(args)
     _start_single(cfg)
-    for prediction in run_inference(cfg, args.ckpt, args.images, args.topk, args.out):
+    for prediction in run_inference(cfg, args.ckpt, args.images, args.topk, args.out, args.ema):
         print(format_prediction(prediction))
     if args.out:
         print(f"wrote {args.out}")
@@ -100,8 +111,9 @@ def cmd_export(args) -> int:
     cfg = load_config(args.config, args.set)
     from vit_dist.tools.export import export_model
 
+    _check_ema(args)
     _start_single(cfg)
-    out = export_model(cfg, args.ckpt, args.format, args.out, args.batch_size)
+    out = export_model(cfg, args.ckpt, args.format, args.out, args.batch_size, args.ema)
     print(f"wrote {out} (input {args.batch_size}x3x{cfg.data.image_size}x{cfg.data.image_size} float32, "
           f"normalised as data.mean/std)")
     return 0
@@ -175,6 +187,7 @@ def cmd_preflight(args) -> int:
                           "make a run directory of its own; set it to a directory every node shares")
     if args.ckpt and not Path(args.ckpt).is_file():
         raise ConfigError(f"checkpoint {args.ckpt} does not exist; pass --ckpt RUN_DIR/checkpoints/<file>")
+    _check_ema(args)
     if args.bench and not args.data:  # synthetic batches: no data to check
         run_dir = resolve_run_dir(cfg)
         prepare_run_dir(run_dir)
@@ -240,6 +253,11 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
 
 
+def add_ema_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ema", action="store_true",
+                   help="the checkpoint's EMA of the weights (ema.* tensors, trained with train.ema_decay > 0)")
+
+
 def cmd_import_weights(args) -> int:
     from vit_dist.host.atomic import write_atomic
     from vit_dist.host.config import dump_yaml, validate
@@ -284,18 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", "train (one device, or one worker of a launcher's job)").set_defaults(func=cmd_train)
     p = with_config("eval", "evaluate a checkpoint on data.root/val")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
+    add_ema_option(p)
     p.set_defaults(func=cmd_eval)
     p = with_config("infer", "top-k classes of image files (no dataset needed)")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
     p.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--out", help="write the predictions: .json (a list) or .csv (image, rank, class, index, prob)")
+    add_ema_option(p)
     p.set_defaults(func=cmd_infer)
     p = with_config("export", "write a checkpoint as a MindIR (or ONNX) graph for inference")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
     p.add_argument("--format", default="mindir", choices=("mindir", "onnx"))
     p.add_argument("--out", help="output file (default: the checkpoint's name with .mindir/.onnx)")
     p.add_argument("--batch-size", type=int, default=1, help="the exported graph's fixed batch size")
+    add_ema_option(p)
     p.set_defaults(func=cmd_export)
     p = with_config("info", "parameter count and forward FLOPs per image")
     p.add_argument("--json", action="store_true")
@@ -314,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1,
                    help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
+    add_ema_option(p)
     p.add_argument("--bench", action="store_true",
                    help="the job is `vit-dist bench`: the data is checked only with --data")
     add_bench_options(p)
