@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vit_dist.host.config import ConfigError, dump_yaml, load_config, validate
+from vit_dist.host.config import (ConfigError, config_digest, dump_yaml, load_config, scaled_lr, validate,
+                                     with_scaled_lr)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,6 +99,11 @@ def test_unknown_section_and_override_key():
     ("data.rand_augment=rand-m9-x3", r"'x3' is not one of m<int>, n<int>, p<float>, mstd<float>, mmax<int>, inc<0\|1>"),
     ("data.rand_augment=rand-m9-tweights", r"'tweights': timm's op sets cannot be chosen"),
     ("data.rand_augment=rand-m9-mstd", r"'mstd' is not one of"),
+    ("train.ema_decay=1.0", r"train\.ema_decay must be in \[0, 1\) \(0: no EMA\), got 1\.0"),
+    ("train.layer_decay=0", r"train\.layer_decay must be in \(0, 1\] \(1: no layer-wise decay\), got 0\.0"),
+    ("train.layer_decay=1.5", r"train\.layer_decay must be in \(0, 1\]"),
+    ("train.lr_base_batch=-1", r"train\.lr_base_batch must be >= 0 \(0: train\.lr as given\), got -1"),
+    ("train.lr_base_batch=512.0", r"train\.lr_base_batch must be an integer"),
 ])
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -147,3 +153,28 @@ def test_the_command_line_takes_set_before_the_config_and_says_its_version():
     assert missing.returncode == 2 and "vit-dist plan needs a CONFIG" in missing.stderr
     from vit_dist import __version__
     assert ok(vit_dist("--version")).stdout.strip() == f"vit-dist {__version__}"
+
+
+def test_lr_base_batch_scales_the_rate_to_the_global_batch_and_the_written_config_keeps_it(tmp_path):
+    """DeiT's rule, lr x global batch / lr_base_batch, with the global batch of 2 ranks x 2 accumulated
+    micro-batches of 64; min_lr as given. The run's config.yaml holds the resolved rate (and says how it
+    was scaled), so loading it again trains at that rate at any world size, under the same digest."""
+    from vit_dist.host.placement import ParallelDims
+    from vit_dist.host.run_record import RunRecord
+
+    cfg = load_config(None, ["train.lr=5e-4", "train.min_lr=1e-5", "train.lr_base_batch=512", "train.batch_size=64",
+                             "parallel.grad_accumulation=2"])
+    global_batch = ParallelDims.of(cfg, 2).global_batch
+    resolved, note = with_scaled_lr(cfg, global_batch)
+    assert global_batch == 256 and scaled_lr(cfg.train, global_batch) == resolved.train.lr == 2.5e-4
+    assert (resolved.train.lr_base_batch, resolved.train.min_lr) == (0, 1e-5)
+    assert note == "train.lr 0.00025 is 0.0005 x global batch 256 / train.lr_base_batch 512"
+    RunRecord(tmp_path, True).write_config(resolved, note)
+    assert (tmp_path / "config.yaml").read_text().startswith(f"# {note}\n")
+    written = load_config(tmp_path / "config.yaml")
+    assert written == resolved and with_scaled_lr(written, 1024) == (written, "")
+    assert config_digest(written) == config_digest(with_scaled_lr(cfg, global_batch)[0])
+    assert with_scaled_lr(load_config(None, ["train.lr=5e-4"]), 256)[0].train.lr == 5e-4  # 0: as given
+    with pytest.raises(ConfigError, match=r"train\.lr 0\.0005 scaled to the global batch 64 \(train\.lr_base_batch "
+                                          r"512\) is 6\.25e-05, below train\.min_lr 0\.0001; lower train\.min_lr"):
+        scaled_lr(load_config(None, ["train.lr=5e-4", "train.min_lr=1e-4", "train.lr_base_batch=512"]).train, 64)

@@ -11,8 +11,9 @@ from vit_dist.host.config import ConfigError, load_config
 PER_STEP = {"train": {"log_interval": 1, "epochs": 1}, "checkpoint": {"every_n_steps": 1, "keep_last": 100}}
 
 
-def _per_step_config(path, data_root, epochs=1, **precision):
-    return tiny_config(path, data_root, data={"augment": False}, train={**PER_STEP["train"], "epochs": epochs},
+def _per_step_config(path, data_root, epochs=1, ema_decay=0.0, **precision):
+    return tiny_config(path, data_root, data={"augment": False},
+                       train={**PER_STEP["train"], "epochs": epochs, "ema_decay": ema_decay},
                        checkpoint=PER_STEP["checkpoint"],
                        precision={"amp_level": "O2", "dtype": "float16", **precision})
 
@@ -39,8 +40,9 @@ def test_bfloat16_on_cpu_is_refused_at_config_time(tiny_data, tmp_path):
 def test_an_overflow_skips_the_step_halves_the_scale_and_is_counted(tiny_data, tmp_path, ranks):
     """With a window of 1 the scale doubles after every finite step until float16 gradients
     overflow (near 2**17 for this model), then oscillates: overflows come after trained steps,
-    when the optimizer has state to protect."""
-    config = _per_step_config(tmp_path / "c.yaml", tiny_data, epochs=2, loss_scale="dynamic",
+    when the optimizer has state to protect. The weights' EMA (decay 0.5) is the numpy recurrence
+    of the saved weights over the trained steps and stays as it was over the skipped ones."""
+    config = _per_step_config(tmp_path / "c.yaml", tiny_data, epochs=2, ema_decay=0.5, loss_scale="dynamic",
                               loss_scale_value=2.0 ** 14, loss_scale_window=1)
     run = tmp_path / "run"
     batch = f"train.batch_size={8 // ranks}"
@@ -67,6 +69,18 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_is_counted(tiny_data, t
     old, new = _state(run, trained - 1), _state(run, trained)
     assert not np.array_equal(old["head.weight"], new["head.weight"])
     assert new["adamw.step"] == old["adamw.step"] + 1
+    for record in records[1:]:
+        if record["overflows"] == 0:
+            _ema_recurrence_holds(_state(run, record["step"] - 1), _state(run, record["step"]), decay=0.5)
+
+
+def _ema_recurrence_holds(old: dict, new: dict, decay: float) -> None:
+    """ema.W after a trained step = decay * ema.W before + (1 - decay) * W after, for every weight W."""
+    averaged = [name for name in new if name.startswith("ema.")]
+    assert averaged
+    for name in averaged:
+        expected = decay * old[name].astype(np.float64) + (1 - decay) * new[name.removeprefix("ema.")]
+        np.testing.assert_allclose(new[name], expected, rtol=1e-6, atol=1e-9, err_msg=name)
 
 
 def test_the_dynamic_scale_grows_after_each_window_of_finite_steps(tiny_data, tmp_path):

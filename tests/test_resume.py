@@ -1,6 +1,6 @@
-"""A run killed with SIGKILL mid-epoch and resumed with train.resume=auto ends with the parameters of
-an uninterrupted run (on one device here; on 2 msrun ranks in test_reliability.py, by an automatic
-restart); corrupt checkpoints, full disks."""
+"""A run killed with SIGKILL mid-epoch and resumed with train.resume=auto ends with the parameters and
+the weights' EMA of an uninterrupted run (on one device here; on 2 msrun ranks in test_reliability.py,
+by an automatic restart); corrupt checkpoints, full disks."""
 import json
 import os
 import re
@@ -13,10 +13,14 @@ import numpy as np
 from conftest import PYTHON, ROOT, last_checkpoint, load_params, ok, tiny_config, tool_env, vit_dist
 
 # Shuffled (so the resumed data order matters), augmented and with stochastic depth (so the resumed
-# random crops, flips and drop-path masks matter), 60 steps, 5 evaluations.
-RESUMABLE = {"model": {"drop_path_rate": 0.2}, "data": {"augment": True, "shuffle": True}, "train": {"epochs": 10, "log_interval": 5,
-                                                                     "eval_every_epochs": 2},
+# random crops, flips and drop-path masks matter), 60 steps, 5 evaluations of the model and its EMA;
+# the learning rate 1e-3 as 5e-4 for a global batch of 4, scaled to the run's 8.
+RESUMABLE = {"model": {"drop_path_rate": 0.2}, "data": {"augment": True, "shuffle": True},
+             "train": {"epochs": 10, "log_interval": 5, "eval_every_epochs": 2, "ema_decay": 0.9, "lr": 5.0e-4,
+                       "lr_base_batch": 4},
              "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
+SCALED_LR = "peak learning rate 0.001) on 1 rank(s)"
+SCALING = "train.lr 0.001 is 0.0005 x global batch 8 / train.lr_base_batch 4"
 
 
 def _start(command: list[str]) -> subprocess.Popen:
@@ -62,25 +66,51 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
     assert 20 <= newest < 60, newest  # killed before the end, whatever the machine's speed
     resumed = ok(vit_dist(*train(killed, "train.resume=auto")))
     assert "resumed from" in resumed.stderr + resumed.stdout
-    ok(vit_dist(*train(whole)))
+    # The rate is resolved before the config digest: the resume finds the checkpoints' own config.
+    assert SCALED_LR in resumed.stderr and SCALING in resumed.stderr and "another config" not in resumed.stderr
+    uninterrupted = ok(vit_dist(*train(whole)))
     _same_parameters(killed, whole)
     assert _best(killed) == _best(whole)
+    _config_yaml_trains_at_the_scaled_rate(whole)
+    # The run's final evaluation of its EMA is what `eval --ema` makes of its last checkpoint.
+    final = json.loads((whole / "eval.json").read_text())
+    assert f"ema top1 {100 * final['ema_top1']:.2f}% top5 {100 * final['ema_top5']:.2f}%" in uninterrupted.stdout
+    evaluated = json.loads(ok(vit_dist("eval", str(config), "--ckpt", str(last_checkpoint(killed)), "--ema", "--set",
+                                       f"train.output_dir={tmp_path / 'eval'}")).stdout.splitlines()[-1])
+    assert (evaluated["top1"], evaluated["top5"], evaluated["weights"]) == (final["ema_top1"], final["ema_top5"], "ema")
+
+
+def _config_yaml_trains_at_the_scaled_rate(run_dir) -> None:
+    """RUN_DIR/config.yaml holds the rate the run trained with (lr_base_batch resolved away), says how it
+    was scaled, and loads back to the run's own config digest."""
+    from vit_dist.host.checkpoint_files import read_manifest
+    from vit_dist.host.config import config_digest, load_config, with_scaled_lr
+
+    text = (run_dir / "config.yaml").read_text()
+    assert text.splitlines()[0] == f"# {SCALING}"
+    written = load_config(run_dir / "config.yaml")
+    assert (written.train.lr, written.train.lr_base_batch) == (0.001, 0)
+    assert with_scaled_lr(written, 16)[0] == written
+    assert config_digest(written) == read_manifest(last_checkpoint(run_dir))["config"]
 
 
 def _best(run_dir) -> str:
-    """The kept best checkpoint: the first evaluation with the highest top-1, over the killed and the
-    resumed part of a run."""
+    """The kept best checkpoint: the first evaluation with the highest top-1 of the model or its EMA,
+    over the killed and the resumed part of a run."""
     from vit_dist.host.checkpoint_files import best_checkpoint, read_manifest
 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"top1"' in line]
     # A kill between an evaluation and its epoch's checkpoint repeats that evaluation after the resume.
     evals = list({record["step"]: record for record in evals}.values())
-    assert len(evals) == 5, evals
-    best = max(evals, key=lambda r: (r["top1"], -r["step"]))
-    (path, top1), = [best_checkpoint(run_dir)]
+    assert len(evals) == 5 and all("ema_top1" in record for record in evals), evals
+    best = max(evals, key=lambda r: (max(r["top1"], r["ema_top1"]), -r["step"]))
+    (path, score), = [best_checkpoint(run_dir)]
     assert list((run_dir / "checkpoints").glob("best_*.safetensors")) == [path]
-    assert path.name == f"best_step_{best['step']:08d}.safetensors" and top1 == best["top1"]
-    assert read_manifest(path)["epoch"] == best["epoch"]
+    assert path.name == f"best_step_{best['step']:08d}.safetensors" and score == max(best["top1"], best["ema_top1"])
+    manifest = read_manifest(path)
+    assert manifest["epoch"] == best["epoch"] and (manifest["top1"], manifest["ema_top1"]) == (best["top1"],
+                                                                                             best["ema_top1"])
+    assert manifest["best_weights"] == ("ema" if best["ema_top1"] > best["top1"] else "model")
     return path.name
 
 

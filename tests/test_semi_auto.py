@@ -150,7 +150,8 @@ def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
     """Two msrun ranks (CPU, graph mode, real collectives) run tests/two_rank_reductions.py: the
     clipping norm from gradients sliced as mp = 2 slices them equals numpy's norm of the whole
     gradients, and an inf in rank 1's batch only, with no gradient reduction (semi_auto's: each rank
-    keeps its own), makes both ranks skip the step with equal parameters and loss scales."""
+    keeps its own), makes both ranks skip the step with equal parameters, EMAs and loss scales; the
+    next step moves the EMA as numpy does."""
     import socket
 
     with socket.socket() as s:
@@ -169,6 +170,7 @@ def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
         assert r["clip_error"] < 1e-6
         assert not r["overflow_finite"] and not r["overflow_changed"] and r["overflow_scale"] == 2.0 ** 9
         assert r["next_finite"] and r["next_changed"]
+        assert not r["overflow_ema_changed"] and r["next_ema_error"] < 1e-6
     assert np.array_equal(ranks[0]["overflow_params"], ranks[1]["overflow_params"])
 
 

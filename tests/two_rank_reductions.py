@@ -5,9 +5,9 @@ collectives real): the cross-rank reductions the train step uses, as semi_auto n
    Parameter (the same on both ranks), each rank keeping the slice mp gives it (column weights split
    on out, row weights on in, their biases as the bias add's strategy says, the rest whole).
    semi_auto.sliced_global_norm and clip_by_norm run in a jitted function.
-2. An overflow on one rank only: the real train step (loss scaler, clipping) with semi_auto's
-   gradient reduction (none: MindSpore's parallel compiler would insert it), rank 1's batch holding
-   an inf. Then a finite step.
+2. An overflow on one rank only: the real train step (loss scaler, clipping, the per-parameter AdamW
+   and the weights' EMA semi_auto trains with) with semi_auto's gradient reduction (none: MindSpore's
+   parallel compiler would insert it), rank 1's batch holding an inf. Then a finite step.
 
 Writes OUT_DIR/rank_N.npz."""
 import sys
@@ -26,6 +26,7 @@ from vit_dist.host.config import load_config  # noqa: E402
 from vit_dist.models.spec import ViTSpec  # noqa: E402
 from vit_dist.models.vit import Linear, VisionTransformer  # noqa: E402
 from vit_dist.parallel import semi_auto  # noqa: E402
+from vit_dist.training.ema import WeightEMA  # noqa: E402
 from vit_dist.training.optim import build_optimizer  # noqa: E402
 from vit_dist.training.step import make_train_step  # noqa: E402
 
@@ -81,7 +82,8 @@ def main(out_dir: Path) -> None:
     net = VisionTransformer(ViTSpec.of(cfg, 8))
     optimizer = build_optimizer(net, cfg.train, flat=False)
     scaler = amp.DynamicLossScaler(2.0 ** 10, 2, 1000)
-    step = make_train_step(net, optimizer, semi_auto.reduced_by_mindspore, 0.0, 1.0, scaler)
+    ema = WeightEMA(net.trainable_params(), 0.9)
+    step = make_train_step(net, optimizer, semi_auto.reduced_by_mindspore, 0.0, 1.0, scaler, ema=ema)
     before = np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
     images = np.random.default_rng(rank).standard_normal((4, 3, 16, 16)).astype(np.float32)
     labels = Tensor(np.arange(4, dtype=np.int32))
@@ -94,11 +96,15 @@ def main(out_dir: Path) -> None:
     result["overflow_changed"] = np.array(
         not np.array_equal(before, np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])))
     result["overflow_params"] = np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
+    result["overflow_ema_changed"] = np.array(
+        not np.array_equal(before, np.concatenate([p.asnumpy().ravel() for p in ema.average])))
     images[np.isinf(images)] = 0.0
     _, finite = step(Tensor(images), labels, lr)
     result["next_finite"] = finite.asnumpy()
-    result["next_changed"] = np.array(
-        not np.array_equal(before, np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])))
+    after = np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
+    result["next_changed"] = np.array(not np.array_equal(before, after))
+    result["next_ema_error"] = np.abs(np.concatenate([p.asnumpy().ravel() for p in ema.average])
+                                      - (0.9 * before.astype(np.float64) + 0.1 * after)).max()
     np.savez(out_dir / f"rank_{rank}.npz", **result)
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vit_dist import __version__, bootstrap
-from vit_dist.host.checkpoint_files import evaluation_checkpoint, missing_checkpoint
+from vit_dist.host.checkpoint_files import evaluation_checkpoint, missing_checkpoint, require_ema
 from vit_dist.host.config import AUTO_DEVICE, Config, compile_cache_dir, load_config, validate
 from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
@@ -98,10 +98,18 @@ def cmd_train(args) -> int:
         print(f"merged checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)
     elif placement.is_main:
-        print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}% "
+        ema = (f" (EMA top-1 {100 * result['ema_top1']:.2f}% top-5 {100 * result['ema_top5']:.2f}%)"
+               if "ema_top1" in result else "")
+        print(f"val top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%{ema} "
               f"on {result['images']} images; checkpoint {result['checkpoint']}")
         print(json.dumps(result), flush=True)
     return 0
+
+
+def _check_ema(args) -> None:
+    """--ema on a checkpoint without EMA weights is one line before anything starts."""
+    if args.ema and args.ckpt:
+        require_ema(args.ckpt)
 
 
 def cmd_eval(args) -> int:
@@ -121,11 +129,13 @@ def cmd_eval(args) -> int:
                           "vit-dist eval RUN_DIR)")
     if not ckpt.is_file():  # one line before anything starts
         raise missing_checkpoint(ckpt)
+    if args.ema:
+        require_ema(ckpt)
     with _started(cfg, "eval") as (placement, run_dir, scan):
         from vit_dist.training.evaluate import evaluate_checkpoint  # imports MindSpore: after bootstrap
 
         record = RunRecord(run_dir, placement.is_main)
-        result = evaluate_checkpoint(cfg, ckpt, placement, scan, record.say)
+        result = evaluate_checkpoint(cfg, ckpt, placement, scan, record.say, args.ema)
         if finished is None:
             record.write_config(cfg)
             record.write_eval(result)
@@ -148,8 +158,9 @@ def cmd_infer(args) -> int:
     from vit_dist.tools.infer import find_images, format_prediction, run_inference
 
     find_images(args.images)  # a wrong path is one line before the backend starts
+    _check_ema(args)
     _start_single(cfg)
-    for prediction in run_inference(cfg, args.ckpt, args.images, args.topk, args.out):
+    for prediction in run_inference(cfg, args.ckpt, args.images, args.topk, args.out, args.ema):
         print(format_prediction(prediction))
     if args.out:
         print(f"wrote {args.out}")
@@ -160,8 +171,9 @@ def cmd_export(args) -> int:
     cfg = load_config(args.config, args.set)
     from vit_dist.tools.export import export_model
 
+    _check_ema(args)
     _start_single(cfg)
-    out = export_model(cfg, args.ckpt, args.format, args.out, args.batch_size)
+    out = export_model(cfg, args.ckpt, args.format, args.out, args.batch_size, args.ema)
     print(f"wrote {out} (input {args.batch_size}x3x{cfg.data.image_size}x{cfg.data.image_size} float32, "
           f"normalised as data.mean/std)")
     return 0
@@ -239,6 +251,7 @@ def cmd_preflight(args) -> int:
     if args.ckpt and not Path(args.ckpt).is_file():
         raise missing_checkpoint(Path(args.ckpt))
     _resolve_device(cfg, Placement.single())  # the launcher's workers are given the concrete target
+    _check_ema(args)
     if args.bench and not args.data:  # synthetic batches: no data to check
         run_dir = resolve_run_dir(cfg)
         prepare_run_dir(run_dir)
@@ -312,6 +325,11 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
 
 
+def add_ema_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ema", action="store_true",
+                   help="the checkpoint's EMA of the weights (ema.* tensors, trained with train.ema_decay > 0)")
+
+
 def cmd_import_weights(args) -> int:
     from vit_dist.host.atomic import write_atomic
     from vit_dist.host.config import dump_yaml, validate
@@ -357,18 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("eval", "evaluate a checkpoint on data.root/val; CONFIG may be a run directory: its "
                             "config.yaml and best checkpoint, the result written into it")
     p.add_argument("--ckpt", help="checkpoint file (.safetensors); required with a CONFIG file")
+    add_ema_option(p)
     p.set_defaults(func=cmd_eval)
     p = with_config("infer", "top-k classes of image files (no dataset needed)")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
     p.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--out", help="write the predictions: .json (a list) or .csv (image, rank, class, index, prob)")
+    add_ema_option(p)
     p.set_defaults(func=cmd_infer)
     p = with_config("export", "write a checkpoint as a MindIR (or ONNX) graph for inference")
     p.add_argument("--ckpt", required=True, help="checkpoint file (.safetensors)")
     p.add_argument("--format", default="mindir", choices=("mindir", "onnx"))
     p.add_argument("--out", help="output file (default: the checkpoint's name with .mindir/.onnx)")
     p.add_argument("--batch-size", type=int, default=1, help="the exported graph's fixed batch size")
+    add_ema_option(p)
     p.set_defaults(func=cmd_export)
     p = with_config("info", "parameter count and forward FLOPs per image")
     p.add_argument("--json", action="store_true")
@@ -387,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1,
                    help="launchers (one per node) starting the job; each resolves the run directory itself")
     p.add_argument("--ckpt", help="checkpoint the job will load: checked to exist")
+    add_ema_option(p)
     p.add_argument("--bench", action="store_true",
                    help="the job is `vit-dist bench`: the data is checked only with --data")
     add_bench_options(p)

@@ -16,6 +16,7 @@ from vit_dist.host.atomic import atomic_path, fsync_dir, write_atomic
 from vit_dist.host.errors import CheckpointError
 
 SUFFIX = ".safetensors"
+EMA_PREFIX = "ema."  # the EMA of weight W is saved as ema.W
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,32 @@ def remove(path: Path) -> None:
     manifest_path(path).unlink(missing_ok=True)
 
 
+def best_score(evaluation: dict) -> tuple[float, str]:
+    """Keep-best's measure of an evaluation (or a best checkpoint's manifest): the higher val top-1 of
+    the model and its EMA, and whose it is, "ema" or "model" (the model's on a tie)."""
+    ema_top1 = evaluation.get("ema_top1")
+    if ema_top1 is not None and ema_top1 > evaluation["top1"]:
+        return ema_top1, "ema"
+    return evaluation["top1"], "model"
+
+
 def best_checkpoint(run_dir: Path) -> tuple[Path, float] | None:
-    """The kept best checkpoint and its val top-1, if there is one that verifies."""
+    """The kept best checkpoint and its best_score, if there is one that verifies."""
     for path in sorted(checkpoint_dir(run_dir).glob(f"best_step_*{SUFFIX}"), reverse=True):
         if verified(path):
-            return path, float(read_manifest(path)["top1"])
+            return path, best_score(read_manifest(path))[0]
     return None
 
 
-def keep_best(run_dir: Path, path: Path, top1: float) -> Path:
+def keep_best(run_dir: Path, path: Path, evaluation: dict) -> Path:
     """Keeps the checkpoint `path` as checkpoints/best_step_N (a hard link where the file system has
-    them: no copy, and pruning `path` later leaves it), with its val top-1 in the manifest; then
-    removes the previous best. A crash in between leaves two bests, never none."""
+    them: no copy, and pruning `path` later leaves it), with its val top-1 (and its EMA's, and which of
+    the two made it the best: best_weights) in the manifest; then removes the previous best. A crash
+    in between leaves two bests, never none."""
     best = path.with_name(f"best_{path.name}")
+    scores = {key: evaluation[key] for key in ("top1", "ema_top1") if key in evaluation}
+    if "ema_top1" in scores:
+        scores["best_weights"] = best_score(evaluation)[1]
     try:
         # link() creates its name exclusively (it follows no symlink planted there), so the link needs
         # no temporary file of its own; a copy goes through one.
@@ -104,7 +118,7 @@ def keep_best(run_dir: Path, path: Path, top1: float) -> Path:
             with atomic_path(best) as tmp, open(path, "rb") as source:
                 with open(os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW), "wb") as target:
                     shutil.copyfileobj(source, target)
-        write_manifest(best, {**read_manifest(path), "top1": top1})
+        write_manifest(best, {**read_manifest(path), **scores})
         fsync_dir(best.parent)
     except OSError as err:
         raise CheckpointError(f"cannot keep {path} as the best checkpoint ({err.strerror}); free disk space, then "
@@ -143,8 +157,8 @@ def missing_checkpoint(path: Path) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} does not exist; pass --ckpt RUN_DIR/checkpoints/step_N{SUFFIX}")
 
 
-def head_classes(path: str | Path) -> int:
-    """The class count of a checkpoint's head, read from the safetensors header alone."""
+def tensor_names(path: str | Path) -> set[str]:
+    """The names of a checkpoint's tensors, read from the safetensors header alone."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -152,11 +166,29 @@ def head_classes(path: str | Path) -> int:
         raise missing_checkpoint(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
-            if "head.bias" not in f.keys():
-                raise CheckpointError(f"checkpoint {path} has no head (imported with --drop-head?); fine-tune it "
-                                      "first, or import it with its head")
-            return int(f.get_slice("head.bias").get_shape()[0])
-    except CheckpointError:
-        raise
+            return set(f.keys())
     except Exception as err:  # safetensors raises its own error type for a damaged header
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def holds_ema(path: str | Path) -> bool:
+    """Whether a checkpoint holds EMA weights (ema.* tensors: written with train.ema_decay > 0)."""
+    return any(name.startswith(EMA_PREFIX) for name in tensor_names(path))
+
+
+def require_ema(path: str | Path) -> None:
+    """--ema's check: one CheckpointError unless the checkpoint holds EMA weights."""
+    if not holds_ema(path):
+        raise CheckpointError(f"checkpoint {path} holds no EMA weights (ema.* tensors: written with "
+                              "train.ema_decay 0); leave out --ema")
+
+
+def head_classes(path: str | Path) -> int:
+    """The class count of a checkpoint's head, read from the safetensors header alone."""
+    from safetensors import safe_open
+
+    if "head.bias" not in tensor_names(path):
+        raise CheckpointError(f"checkpoint {path} has no head (imported with --drop-head?); fine-tune it "
+                              "first, or import it with its head")
+    with safe_open(str(path), framework="numpy") as f:
+        return int(f.get_slice("head.bias").get_shape()[0])

@@ -112,6 +112,9 @@ class TrainConfig:
     resume: Optional[str] = None  # null | auto (newest verified checkpoint in output_dir) | a checkpoint path
     compile_cache: Optional[str] = None  # null | a directory: MindSpore's compiled graphs, reused by the next launch
     recompute: bool = False  # recompute each encoder block's activations in the backward pass (less memory)
+    ema_decay: float = 0.0  # >0: an exponential moving average of the weights, ema = decay*ema + (1-decay)*weights
+    layer_decay: float = 1.0  # <1: layer-wise lr decay, lr * layer_decay ** (layers above the parameter's)
+    lr_base_batch: int = 0  # >0: lr is for this global batch and is scaled linearly to the run's (DeiT: 512)
 
     @property
     def eval_batch(self) -> int:
@@ -345,6 +348,12 @@ def validate(cfg: Config) -> None:
                           f"{t.adam_beta1}, {t.adam_beta2}, {t.adam_eps}")
     if t.eval_every_epochs < 0 or t.max_steps < 0:
         raise ConfigError("train.eval_every_epochs and train.max_steps must be >= 0")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {t.ema_decay}")
+    if not 0.0 < t.layer_decay <= 1.0:
+        raise ConfigError(f"train.layer_decay must be in (0, 1] (1: no layer-wise decay), got {t.layer_decay}")
+    if t.lr_base_batch < 0:
+        raise ConfigError(f"train.lr_base_batch must be >= 0 (0: train.lr as given), got {t.lr_base_batch}")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise ConfigError(f"train.eval_batch_size must be at least 1 (or null), got {t.eval_batch_size}")
     if p.device_target == "CPU" and pr.amp_level != "O0" and pr.dtype == "bfloat16":
@@ -414,6 +423,31 @@ def _validate_parallel(cfg: Config) -> None:
     if p.head == "model" and m.num_classes is not None and m.num_classes % p.model_parallel:
         raise ConfigError(f"parallel.head=model splits model.num_classes {m.num_classes} over parallel.model_parallel "
                           f"{p.model_parallel}, which does not divide it; use parallel.head=data")
+
+
+def scaled_lr(train: TrainConfig, global_batch: int) -> float:
+    """The peak learning rate of a run of this global batch: train.lr as given, or, with train.lr_base_batch
+    N > 0, lr x global_batch / N (linear, as DeiT). min_lr is not scaled (neither DeiT nor timm scale it);
+    a scaled rate below it is one ConfigError."""
+    if not train.lr_base_batch:
+        return train.lr
+    lr = train.lr * global_batch / train.lr_base_batch
+    if lr < train.min_lr:
+        raise ConfigError(f"train.lr {train.lr:g} scaled to the global batch {global_batch} (train.lr_base_batch "
+                          f"{train.lr_base_batch}) is {lr:g}, below train.min_lr {train.min_lr:g}; lower train.min_lr")
+    return lr
+
+
+def with_scaled_lr(cfg: Config, global_batch: int) -> tuple[Config, str]:
+    """The config a run trains with, and how its rate was scaled (empty if it was not): train.lr the peak
+    rate scaled_lr resolves and train.lr_base_batch 0, so that the config written into the run directory
+    trains with the same rate when loaded again, at any world size."""
+    given = cfg.train
+    if not given.lr_base_batch:
+        return cfg, ""
+    train = dataclasses.replace(given, lr=scaled_lr(given, global_batch), lr_base_batch=0)
+    return dataclasses.replace(cfg, train=train), (f"train.lr {train.lr:g} is {given.lr:g} x global batch "
+                                                   f"{global_batch} / train.lr_base_batch {given.lr_base_batch}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

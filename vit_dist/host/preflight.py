@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vit_dist.host import datascan
 from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir
-from vit_dist.host.config import Config
+from vit_dist.host.config import Config, scaled_lr
 from vit_dist.host.errors import ConfigError, DataError
 from vit_dist.host.placement import ParallelDims
 from vit_dist.host.run_record import RunRecord, read_data_check
@@ -67,6 +67,8 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool, c
                           "import-weights, or set model.pretrained=null")
     dims = ParallelDims.of(cfg, world_size)
     datascan.steps_per_epoch(scan.train.num_images, dims.dp, cfg.train.batch_size, cfg.parallel.grad_accumulation)
+    if training:
+        scaled_lr(cfg.train, dims.global_batch)  # a rate scaled below train.min_lr: one line before anything starts
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(scan.classes):
         raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(scan.classes)} class "
                           f"folders in {scan.train.path}; set model.num_classes to null or >= {len(scan.classes)}")

@@ -48,8 +48,11 @@ def format_train_line(record: dict) -> str:
 
 
 def format_eval_line(record: dict) -> str:
-    return (f"eval epoch {record['epoch']} top1 {100 * record['top1']:.2f}% top5 {100 * record['top5']:.2f}% "
+    line = (f"eval epoch {record['epoch']} top1 {100 * record['top1']:.2f}% top5 {100 * record['top5']:.2f}% "
             f"images {record['images']}")
+    if "ema_top1" in record:
+        line += f" ema top1 {100 * record['ema_top1']:.2f}% top5 {100 * record['ema_top5']:.2f}%"
+    return line
 
 
 def say(message: str, is_main: bool) -> None:
@@ -63,8 +66,9 @@ class RunRecord:
         self.run_dir = run_dir
         self.is_main = is_main
 
-    def write_config(self, cfg: Config) -> None:
-        self._write(CONFIG_FILE, dump_yaml(cfg))
+    def write_config(self, cfg: Config, note: str = "") -> None:
+        """RUN_DIR/config.yaml, loadable as a config; `note`, if any, as a comment line above it."""
+        self._write(CONFIG_FILE, (f"# {note}\n" if note else "") + dump_yaml(cfg))
 
     def write_classes(self, classes: dict[str, int]) -> None:
         """The class names in index order, so that inference can name predictions without the dataset."""

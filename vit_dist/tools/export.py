@@ -15,9 +15,10 @@ FORMATS = {"mindir": ".mindir", "onnx": ".onnx"}
 
 
 def export_model(cfg: Config, checkpoint_path: str | Path, fmt: str, out: Optional[str | Path],
-                 batch_size: int) -> Path:
-    """Writes the model in inference mode with input (batch_size, 3, image_size, image_size);
-    returns the file's path (OUT, or the checkpoint's name with the format's suffix)."""
+                 batch_size: int, ema: bool = False) -> Path:
+    """Writes the model (ema: with the checkpoint's EMA weights) in inference mode with input
+    (batch_size, 3, image_size, image_size); returns the file's path (OUT, or the checkpoint's name
+    with the format's suffix, after .ema for the EMA)."""
     import mindspore as ms
 
     from vit_dist.training.assemble import model_from_checkpoint
@@ -27,12 +28,12 @@ def export_model(cfg: Config, checkpoint_path: str | Path, fmt: str, out: Option
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     suffix = FORMATS[fmt]
-    out = Path(out) if out else Path(checkpoint_path).with_suffix(suffix)
+    out = Path(out) if out else Path(checkpoint_path).with_suffix((".ema" if ema else "") + suffix)
     if out.suffix != suffix:
         raise ConfigError(f"--out {out}: MindSpore appends {suffix} to the name; give a name ending in {suffix}")
     # Stock layers: a graph with this machine's custom-op library in it would load nowhere else.
     net = model_from_checkpoint(cfg, checkpoint_path, Placement.single(), lambda line: say(line, True),
-                                portable=True)
+                                portable=True, ema=ema)
     size = cfg.data.image_size
     example = ms.Tensor(np.zeros((batch_size, 3, size, size), np.float32))
     out.parent.mkdir(parents=True, exist_ok=True)

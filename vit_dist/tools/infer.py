@@ -118,7 +118,9 @@ def write_predictions(predictions: list[dict], out: str | Path) -> None:
 
 
 def run_inference(cfg: Config, checkpoint_path: str | Path, images: str | Path, topk: int,
-                  out: Optional[str | Path]) -> list[dict]:
+                  out: Optional[str | Path], ema: bool = False) -> list[dict]:
+    """The top-k predictions of the checkpoint's model (ema: with its EMA weights) for the images,
+    written to `out` if given."""
     from vit_dist.host.checkpoint_files import head_classes
     from vit_dist.training.assemble import model_from_checkpoint
 
@@ -128,7 +130,7 @@ def run_inference(cfg: Config, checkpoint_path: str | Path, images: str | Path, 
     check_images(paths)
     num_classes = cfg.model.num_classes or head_classes(checkpoint_path)
     net = model_from_checkpoint(cfg, checkpoint_path, Placement.single(), lambda line: say(line, True),
-                                num_classes)
+                                num_classes, ema=ema)
     predictions = predict(net, paths, cfg, min(cfg.train.eval_batch, len(paths)),
                           class_names(checkpoint_path, num_classes), topk)
     if out:

@@ -18,6 +18,7 @@ from vit_dist.models.vit import VisionTransformer
 from vit_dist.parallel import semi_auto
 from vit_dist.parallel.data_parallel import gradient_reducer
 from vit_dist.training import checkpoint
+from vit_dist.training.ema import WeightEMA
 from vit_dist.training.optim import build_optimizer
 from vit_dist.training.precision import apply_mixed_precision, build_loss_scaler
 from vit_dist.training.step import make_train_step
@@ -25,13 +26,15 @@ from vit_dist.training.step import make_train_step
 
 @dataclass(frozen=True)
 class Training:
-    """What the loop (and bench) drives: step(images, labels, lr) -> (loss, finite)."""
+    """What the loop (and bench) drives: step(images, labels, lr) -> (loss, finite). ema: the weights'
+    WeightEMA, None without train.ema_decay."""
     net: object
     optimizer: object
     scaler: object
     step: Callable
     backend: Backend
     dims: ParallelDims
+    ema: Optional[WeightEMA] = None
 
 
 def build_model(cfg: Config, num_classes: int, placement: Placement, say: Callable[[str], None],
@@ -66,28 +69,31 @@ def recompute_blocks(net: VisionTransformer) -> None:
 
 def build_training(cfg: Config, num_classes: int, placement: Placement, say: Callable[[str], None],
                    strategy_path: Optional[Path] = None) -> Training:
-    """The model, optimizer, loss scaler and compiled train step of the config. Data mode: the flat
+    """The model, optimizer, loss scaler, weights' EMA and compiled train step of the config. Data mode: the flat
     AdamW and one all-reduce of the packed gradients per step; semi_auto: per-parameter AdamW and
     MindSpore's parallel compiler, with each rank's parameter layout written to strategy_path."""
     dims = ParallelDims.of(cfg, placement.world_size)
     net, backend = build_model(cfg, num_classes, placement, say, training=True)
     optimizer = build_optimizer(net, cfg.train, flat=not dims.semi_auto)
     scaler = build_loss_scaler(cfg.precision)
+    # After model.pretrained is loaded: fine-tuning averages from the imported weights.
+    ema = WeightEMA(net.trainable_params(), cfg.train.ema_decay) if cfg.train.ema_decay else None
     # semi_auto's graph sees the global batch (one block per replica) and reduces gradients itself.
     reduce_gradients = semi_auto.reduced_by_mindspore if dims.semi_auto else gradient_reducer(placement)
     step = make_train_step(net, optimizer, reduce_gradients, cfg.train.label_smoothing, cfg.train.grad_clip_norm,
                            scaler, cfg.precision.min_loss_scale, dims.accumulation,
-                           dims.dp if dims.semi_auto else 1, backend.signal, cfg.data.mixes)
+                           dims.dp if dims.semi_auto else 1, backend.signal, cfg.data.mixes, ema)
     if dims.semi_auto:
         step = semi_auto.parallelize(step, cfg.parallel, dims.dp, strategy_path, cfg.data.mixes)
-    return Training(net, optimizer, scaler, step, backend, dims)
+    return Training(net, optimizer, scaler, step, backend, dims, ema)
 
 
 def model_from_checkpoint(cfg: Config, path: str | Path, placement: Placement, say: Callable[[str], None],
-                          num_classes: Optional[int] = None, portable: bool = False) -> VisionTransformer:
-    """The model for eval, infer and export, built as training builds it, with the checkpoint's weights;
-    its class count is num_classes, else model.num_classes, else the checkpoint head's."""
+                          num_classes: Optional[int] = None, portable: bool = False,
+                          ema: bool = False) -> VisionTransformer:
+    """The model for eval, infer and export, built as training builds it, with the checkpoint's weights
+    (ema: their EMA); its class count is num_classes, else model.num_classes, else the checkpoint head's."""
     num_classes = num_classes or cfg.model.num_classes or head_classes(path)
     net, _ = build_model(cfg, num_classes, placement, say, portable=portable)
-    checkpoint.load_weights(net, path)
+    checkpoint.load_weights(net, path, ema)
     return net

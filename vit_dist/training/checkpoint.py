@@ -9,25 +9,27 @@ import mindspore as ms
 from mindspore.communication import get_group_size
 
 from vit_dist.host.atomic import atomic_path
-from vit_dist.host.checkpoint_files import (Progress, checkpoint_path, missing_checkpoint, prune, sha256,
-                                            write_manifest)
+from vit_dist.host.checkpoint_files import (EMA_PREFIX, Progress, checkpoint_path, missing_checkpoint, prune,
+                                            sha256, write_manifest)
 from vit_dist.host.errors import CheckpointError
 from vit_dist.training.precision import scaler_state
 
 
-def training_state(net, optimizer, scaler) -> dict:
-    """Model parameters, optimizer state (moments, step count) and the loss scaler's state, by name."""
-    return {**{p.name: p for p in net.get_parameters()}, **optimizer.checkpoint_state(), **scaler_state(scaler)}
+def training_state(net, optimizer, scaler, ema=None) -> dict:
+    """Model parameters, optimizer state (moments, step count), the loss scaler's state and the weights'
+    EMA (training.ema.WeightEMA, if any), by name."""
+    return {**{p.name: p for p in net.get_parameters()}, **optimizer.checkpoint_state(), **scaler_state(scaler),
+            **(ema.checkpoint_state() if ema is not None else {})}
 
 
-def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: int, config_digest: str,
+def save(run_dir: Path, net, optimizer, scaler, ema, progress: Progress, keep_last: int, config_digest: str,
          slice_rank: int | None = None) -> Path:
     """Writes checkpoints/step_N.safetensors (rank N's slices: checkpoints/rank_N/) and its manifest
     through host.atomic, so a crash leaves either the old set of files or the new one; then deletes
     all but the newest keep_last."""
     path = checkpoint_path(run_dir, progress.step, slice_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = [{"name": name, "data": param} for name, param in training_state(net, optimizer, scaler).items()]
+    state = [{"name": name, "data": param} for name, param in training_state(net, optimizer, scaler, ema).items()]
     try:
         with atomic_path(path) as tmp:
             ms.save_checkpoint(state, str(tmp), append_dict=vars(progress), format="safetensors")
@@ -43,10 +45,11 @@ def save(run_dir: Path, net, optimizer, scaler, progress: Progress, keep_last: i
     return path
 
 
-def restore(path: str | Path, net, optimizer, scaler) -> Progress:
-    """Loads everything save() wrote back into the live objects; returns where training stood."""
+def restore(path: str | Path, net, optimizer, scaler, ema=None) -> Progress:
+    """Loads everything save() wrote back into the live objects (ema.* tensors only into an `ema`, and
+    ignored without one); returns where training stood."""
     saved = _read(Path(path))
-    state = training_state(net, optimizer, scaler)
+    state = training_state(net, optimizer, scaler, ema)
     _check_fits(path, state, saved, "it was written by another model, optimizer or loss-scale setup; "
                                     "check model.*, precision.loss_scale, or start a new train.output_dir")
     for name, param in state.items():
@@ -75,14 +78,17 @@ def _read(path: Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
 
 
-def load_weights(net, path: str | Path) -> None:
-    """Loads model parameters (optimizer entries are ignored); every trainable one must be there with
-    its shape, else CheckpointError names the mismatch. The others (a backend's random-draw counters)
-    are loaded where the file has them."""
+def load_weights(net, path: str | Path, ema: bool = False) -> None:
+    """Loads model parameters (optimizer entries are ignored), with ema=True the weights' EMA (ema.W as
+    W); every trainable one must be there with its shape, else CheckpointError names the mismatch. The
+    others (a backend's random-draw counters) are loaded where the file has them."""
     saved = _read(Path(path))
-    weights = {p.name: p for p in net.trainable_params()}
-    _check_fits(path, weights, saved, "check model.* and model.num_classes")
-    ms.load_param_into_net(net, {p.name: saved[p.name] for p in net.get_parameters() if p.name in saved})
+    prefix = EMA_PREFIX if ema else ""
+    trainable = net.trainable_params()
+    _check_fits(path, {prefix + p.name: p for p in trainable}, saved, "check model.* and model.num_classes")
+    values = {p.name: saved[p.name] for p in net.get_parameters() if p.name in saved}
+    values.update({p.name: saved[prefix + p.name] for p in trainable})
+    ms.load_param_into_net(net, values)
 
 
 def load_pretrained(net, path: str | Path, say) -> None:
@@ -90,7 +96,8 @@ def load_pretrained(net, path: str | Path, say) -> None:
     the rest. A head of another class count is re-initialised (the model's fresh one is kept); any
     other shape mismatch is an error, since training from a half-loaded body would go unnoticed.
     Only the weights (trainable parameters) count: a backend's draw counters start afresh."""
-    saved = _read(Path(path))
+    # A training checkpoint's EMA (ema.*) is not what fine-tuning starts from, nor worth reporting.
+    saved = {name: tensor for name, tensor in _read(Path(path)).items() if not name.startswith(EMA_PREFIX)}
     params = {p.name: p for p in net.trainable_params()}
     wrong_shape = sorted(n for n in params.keys() & saved.keys() if tuple(saved[n].shape) != tuple(params[n].shape))
     body_mismatch = [n for n in wrong_shape if not n.startswith("head.")]

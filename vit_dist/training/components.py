@@ -86,7 +86,8 @@ class IntervalLogger:
 class Checkpointer:
     """Rank 0 saves the training state (under semi_auto every rank its slices) every every_n_steps
     steps within an epoch and at every epoch end, after that epoch's evaluation, keeping the last
-    keep_last and, by val top-1, the best."""
+    keep_last and the best: by val top-1, the model's or its EMA's, whichever is higher
+    (checkpoint_files.best_score)."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, run: Training, placement: Placement,
                  steps_per_epoch: int, digest: str, heartbeat: Heartbeat):
@@ -96,7 +97,7 @@ class Checkpointer:
         self.slice_rank = placement.rank if run.dims.semi_auto else None
         self.last: Optional[Path] = None
         self.newest: tuple[int, Optional[Path]] = (0, None)  # the step and file training could resume from
-        self.best = files.best_checkpoint(run_dir) if placement.is_main else None  # (path, top1)
+        self.best = files.best_checkpoint(run_dir) if placement.is_main else None  # (path, best_score)
 
     def restore(self, resume: Optional[str], say) -> Progress:
         """Loads train.resume (a path, or auto: the newest verified checkpoint) into the run; returns
@@ -106,9 +107,16 @@ class Checkpointer:
             if resume == "auto":
                 say(f"no verified checkpoint in {files.checkpoint_dir(self.run_dir)}: starting from scratch")
             return Progress(0, 0)
-        progress = checkpoint.restore(path, self.run.net, self.run.optimizer, self.run.scaler)
+        ema, saved_ema = self.run.ema, files.holds_ema(path)
+        progress = checkpoint.restore(path, self.run.net, self.run.optimizer, self.run.scaler,
+                                      ema if saved_ema else None)
         self.newest = progress.step, path
         say(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
+        if ema is not None and not saved_ema:
+            ema.start_from_weights()
+            say(f"{path} holds no EMA (it was written with train.ema_decay 0): the EMA starts from its weights")
+        elif ema is None and saved_ema:
+            say(f"{path} holds an EMA, which train.ema_decay 0 leaves unused")
         written_under = files.read_manifest(path).get("config")
         if written_under not in (None, self.digest):
             say(f"warning: {path} was written under another config (digest {written_under}, now {self.digest}); "
@@ -125,8 +133,11 @@ class Checkpointer:
         """Saves this step (unless already saved) and keeps it as the best if its evaluation is."""
         if self.last != files.checkpoint_path(self.run_dir, progress.step, self.slice_rank):
             self.save(progress)
-        if evaluation is not None and self.last is not None and (self.best is None or evaluation["top1"] > self.best[1]):
-            self.best = files.keep_best(self.run_dir, self.last, evaluation["top1"]), evaluation["top1"]
+        if evaluation is None or self.last is None:
+            return
+        score = files.best_score(evaluation)[0]
+        if self.best is None or score > self.best[1]:
+            self.best = files.keep_best(self.run_dir, self.last, evaluation), score
 
     def save_on_stop(self, progress: Progress) -> Optional[Path]:
         """The stop's checkpoint: this step's, unless nothing was trained since the newest one; returns it."""
@@ -137,24 +148,29 @@ class Checkpointer:
     def save(self, progress: Progress) -> None:
         if self.saves:
             self.heartbeat.busy(progress.step, f"saving the checkpoint of step {progress.step}")
-            self.last = checkpoint.save(self.run_dir, self.run.net, self.run.optimizer, self.run.scaler, progress,
-                                        self.cfg.keep_last, self.digest, self.slice_rank)
+            self.last = checkpoint.save(self.run_dir, self.run.net, self.run.optimizer, self.run.scaler, self.run.ema,
+                                        progress, self.cfg.keep_last, self.digest, self.slice_rank)
             self.newest = progress.step, self.last
             self.heartbeat.busy(progress.step, f"saved the checkpoint of step {progress.step}")
 
     def summary(self, placement: Placement) -> dict:
-        """The last and best checkpoints; under semi_auto, once every rank has saved its slices, the
-        last ones merged into one checkpoint by rank 0 (vit-dist eval takes it)."""
+        """The last and best checkpoints (with an EMA, also whose weights made the best: "ema" or
+        "model"); under semi_auto, once every rank has saved its slices, the last ones merged into one
+        checkpoint by rank 0 (vit-dist eval takes it)."""
         if self.run.dims.semi_auto:
             all_reduce_sum([1], placement)
             return {"checkpoint": str(merge(self.run_dir)) if placement.is_main else None}
-        return {"checkpoint": str(self.last) if self.last else None,
-                "best_checkpoint": str(self.best[0]) if self.best else None}
+        result = {"checkpoint": str(self.last) if self.last else None,
+                  "best_checkpoint": str(self.best[0]) if self.best else None}
+        if self.best and self.run.ema is not None:
+            result["best_weights"] = files.best_score(files.read_manifest(self.best[0]))[1]
+        return result
 
 
 class Evaluator:
-    """Exact top-1/top-5 of the model on every rank's val shard, every eval_every_epochs epochs and at
-    the end; none under semi_auto (its slices are evaluated after the merge)."""
+    """Exact top-1/top-5 of the model (and, with train.ema_decay, of its EMA: ema_top1, ema_top5) on
+    every rank's val shard, every eval_every_epochs epochs and at the end; none under semi_auto (its
+    slices are evaluated after the merge)."""
 
     def __init__(self, eval_every_epochs: int, run: Training, dataset, batch_size: int, placement: Placement,
                  num_images: int, record: RunRecord, heartbeat: Heartbeat):
@@ -166,10 +182,13 @@ class Evaluator:
             return None
         batches = _Heartbeating(self.dataset, self.heartbeat, progress.step)
         result = evaluate(self.run.net, batches, self.batch_size, self.placement, self.num_images)
+        if self.run.ema is not None:
+            with self.run.ema.swapped():  # the EMA through the model's own evaluation graph
+                averaged = evaluate(self.run.net, batches, self.batch_size, self.placement, self.num_images)
+            result.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
         self.record.log({"step": progress.step, "epoch": progress.epoch, **result},
                         format_eval_line({"epoch": progress.epoch, **result}))
         return result
-
 
 
 class _Heartbeating:

@@ -41,11 +41,13 @@ def evaluate(net, dataset, batch_size: int, placement: Placement, num_images: in
     return {"top1": float(top1) / float(images), "top5": float(top5) / float(images), "images": int(images)}
 
 
-def evaluate_checkpoint(cfg, path, placement: Placement, scan, say) -> dict:
-    """`vit-dist eval`: the checkpoint's model, built as training builds it, on every rank's val shard."""
+def evaluate_checkpoint(cfg, path, placement: Placement, scan, say, ema: bool = False) -> dict:
+    """`vit-dist eval`: the checkpoint's model (ema: with its EMA weights, and "weights": "ema" in the
+    result), built as training builds it, on every rank's val shard."""
     from vit_dist.data.pipeline import eval_dataset
     from vit_dist.training.assemble import model_from_checkpoint
 
-    net = model_from_checkpoint(cfg, path, placement, say, cfg.model.num_classes or len(scan.classes))
+    net = model_from_checkpoint(cfg, path, placement, say, cfg.model.num_classes or len(scan.classes), ema=ema)
     dataset = eval_dataset(cfg, scan.val, scan.classes, placement.rank, placement.world_size, cfg.train.eval_batch)
-    return evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images)
+    result = evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images)
+    return {**result, "weights": "ema"} if ema else result

@@ -9,10 +9,10 @@ import mindspore as ms
 
 from vit_dist.data import pipeline
 from vit_dist.host.checkpoint_files import Progress
-from vit_dist.host.config import Config, config_digest
+from vit_dist.host.config import Config, config_digest, with_scaled_lr
 from vit_dist.host.datascan import DataScan, steps_per_epoch
 from vit_dist.host.heartbeat import Heartbeat
-from vit_dist.host.placement import Placement
+from vit_dist.host.placement import ParallelDims, Placement
 from vit_dist.host.rand_augment import parse_rand_augment, start_note
 from vit_dist.host.run_record import RunRecord
 from vit_dist.parallel.checkpoint_merge import strategy_file
@@ -23,9 +23,11 @@ from vit_dist.training.optim import lr_schedule
 
 def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> dict:
     """Trains, checkpoints and evaluates; returns the final evaluation, the last checkpoint and the
-    best one by val top-1 (under semi_auto: the merged checkpoint only)."""
+    best one (Checkpointer's rule; under semi_auto: the merged checkpoint only)."""
     record = RunRecord(run_dir, placement.is_main)
-    record.write_config(cfg)
+    # Before anything reads train.lr (the optimizer, the schedule, the config digest).
+    cfg, scaling = with_scaled_lr(cfg, ParallelDims.of(cfg, placement.world_size).global_batch)
+    record.write_config(cfg, scaling)
     record.write_classes(scan.classes)
     run = build_training(cfg, cfg.model.num_classes or len(scan.classes), placement, record.say,
                          strategy_file(run_dir, placement.rank))
@@ -48,8 +50,9 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     if cfg.data.rand_augment is not None:
         record.say(start_note(parse_rand_augment(cfg.data.rand_augment), cfg.data.color_jitter))
     left_out = len(scan.train.bad) + len(scan.val.bad)
-    record.say(f"training {total} steps ({per_epoch} per epoch, global batch {dims.global_batch}) on "
-               f"{placement.world_size} rank(s); run directory {run_dir}"
+    record.say(f"training {total} steps ({per_epoch} per epoch, global batch {dims.global_batch}, peak learning "
+               f"rate {cfg.train.lr:g}) on {placement.world_size} rank(s); run directory {run_dir}"
+               + (f"; {scaling}" if scaling else "")
                + (f"; {left_out} bad image file(s) left out" if left_out else ""))
 
     step, epoch = start.step, min(start.step // per_epoch + 1, cfg.train.epochs)

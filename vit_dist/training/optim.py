@@ -3,11 +3,13 @@
 Two layouts of the same update, with one interface for the train step: `parameters` (what gradients
 are taken of, in order), `pack(grads)` (what the update consumes), `update(packed, lr)` and
 `checkpoint_state()` (what a checkpoint holds). FlatAdamW serves data parallelism; PerParameterAdamW serves
-semi_auto, where every parameter carries its own shard strategy."""
+semi_auto, where every parameter carries its own shard strategy. Both take the same parameter groups
+(param_groups): a weight decay and a learning-rate scale each, the scale from layer-wise decay."""
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
@@ -18,6 +20,8 @@ from vit_dist.host.config import TrainConfig
 
 # Parameters that are not weight matrices: decaying them only hurts (ViT/DeiT recipe).
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
+# Layer 0 of layer-wise decay: the patch embedding, class token and position embedding (timm's "stem").
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed")
 
 
 def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -39,6 +43,50 @@ def decays(name: str, ndim: int) -> bool:
     return ndim > 1 and name.split(".")[-1] not in NO_DECAY_NAMES
 
 
+def layer_ids(names: list[str]) -> dict[str, int]:
+    """Each parameter's layer for layer-wise decay, numbered as timm's param_groups_layer_decay numbers a
+    timm VisionTransformer (through its group_matcher): the embeddings layer 0, block i layer i + 1, the
+    final norm the last block's layer (timm's matcher files `^norm` under the group before it), anything
+    else (the head) the last layer, depth + 1."""
+    depth = 1 + max((int(name.split(".")[1]) for name in names if name.startswith("blocks.")), default=-1)
+
+    def layer(name: str) -> int:
+        top = name.split(".")[0]
+        if top in EMBEDDING_NAMES:
+            return 0
+        if top == "blocks":
+            return int(name.split(".")[1]) + 1
+        return depth if top == "norm" else depth + 1
+
+    return {name: layer(name) for name in names}
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters updated alike. name: in the flat layout's checkpoint names (adamw.exp_avg.<name>)."""
+    name: str
+    params: tuple
+    weight_decay: float
+    lr_scale: float
+
+
+def param_groups(params, cfg: TrainConfig) -> list[ParamGroup]:
+    """The parameters by (weight decay, learning-rate scale). Without layer decay the two groups "decay"
+    and "no_decay" (each left out if empty); with train.layer_decay d < 1 those of each layer, scaled
+    d ** (last layer - layer) as timm's param_groups_layer_decay (the head 1, the embeddings the least),
+    named "decay.layerN" and "no_decay.layerN"."""
+    # Layer 0 for all without layer decay: one scale, so the groups are today's two and their names too.
+    layers = layer_ids([p.name for p in params]) if cfg.layer_decay < 1 else {p.name: 0 for p in params}
+    last = max(layers.values())
+    members: dict[tuple[int, bool], list] = {}
+    for p in params:
+        members.setdefault((layers[p.name], not decays(p.name, p.ndim)), []).append(p)
+    suffix = "" if cfg.layer_decay == 1 else ".layer{}"
+    return [ParamGroup(("no_decay" if plain else "decay") + suffix.format(layer), tuple(group),
+                       0.0 if plain else cfg.weight_decay, cfg.layer_decay ** (last - layer))
+            for (layer, plain), group in sorted(members.items())]
+
+
 _flatten = ops.MultitypeFuncGraph("flatten")
 _assign_piece = ops.MultitypeFuncGraph("assign_piece")
 
@@ -54,33 +102,33 @@ def _assign_piece_tensor(flat, param, offset):
 
 
 class FlatAdamW(nn.Cell):
-    """PyTorch's AdamW on flat buffers: each weight-decay group's parameters, gradients and moments
-    are laid end to end, and one fused kernel (ops.AdamWeightDecay) updates a whole group. The
+    """PyTorch's AdamW on flat buffers: each parameter group's parameters, gradients and moments are
+    laid end to end, and one fused kernel (ops.AdamWeightDecay) updates a whole group. The
     per-parameter optimizer runs a dozen small kernels per parameter, whose launches cost more than
     their arithmetic on the CPU backend; flat gradients also make one all-reduce per group.
 
     The fused kernel has no bias correction; folding it into its inputs keeps PyTorch's update:
-    lr' = lr sqrt(1-b2^t)/(1-b1^t), eps' = eps sqrt(1-b2^t), decay' = decay lr/lr' (lr cancels out)."""
+    lr' = lr sqrt(1-b2^t)/(1-b1^t), eps' = eps sqrt(1-b2^t), decay' = decay lr/lr' (lr cancels out).
+    A group's learning-rate scale multiplies lr', so its decoupled weight decay is scaled too, as
+    PyTorch's AdamW does with a group's lr (timm's scheduler sets lr x lr_scale)."""
 
-    def __init__(self, params, weight_decay: float, betas: tuple[float, float], eps: float):
+    def __init__(self, groups: list[ParamGroup], betas: tuple[float, float], eps: float):
         super().__init__()
-        split = {flag: tuple(p for p in params if decays(p.name, p.ndim) == flag) for flag in (True, False)}
-        groups = [(name, split[flag], decay) for name, flag, decay in
-                  (("decay", True, weight_decay), ("no_decay", False, 0.0)) if split[flag]]
         # Grouped order: value_and_grad over `parameters` yields each group's gradients as one slice.
-        self.parameters = tuple(p for _, members, _ in groups for p in members)
-        self.group_params = tuple(ParameterTuple(members) for _, members, _ in groups)
-        self.group_ends = tuple(itertools.accumulate(len(members) for _, members, _ in groups))
-        sizes = [[p.size for p in members] for _, members, _ in groups]
+        self.parameters = tuple(p for group in groups for p in group.params)
+        self.group_params = tuple(ParameterTuple(group.params) for group in groups)
+        self.group_ends = tuple(itertools.accumulate(len(group.params) for group in groups))
+        sizes = [[p.size for p in group.params] for group in groups]
         self.offsets = tuple(tuple(itertools.accumulate(group_sizes[:-1], initial=0)) for group_sizes in sizes)
-        self.weight_decay = tuple(Tensor(decay, ms.float32) for _, _, decay in groups)
+        self.weight_decay = tuple(Tensor(group.weight_decay, ms.float32) for group in groups)
+        self.lr_scales = tuple(group.lr_scale for group in groups)
 
         def buffers(kind: str) -> ParameterTuple:
             # Zeros from an initializer, not ops.zeros: that runs a kernel whose output stays in MindSpore's
             # memory pool beside the Parameter's copy (the three buffers took 5 x the parameters' bytes, not 3).
             return ParameterTuple(Parameter(initializer("zeros", (sum(group_sizes),), ms.float32),
-                                            name=f"adamw.{kind}.{name}", requires_grad=False)
-                                  for (name, _, _), group_sizes in zip(groups, sizes))
+                                            name=f"adamw.{kind}.{group.name}", requires_grad=False)
+                                  for group, group_sizes in zip(groups, sizes))
 
         self.exp_avg = buffers("exp_avg")
         self.exp_avg_sq = buffers("exp_avg_sq")
@@ -116,7 +164,8 @@ class FlatAdamW(nn.Cell):
         step_lr = lr * root_correction2 / correction1
         for g in range(len(self.group_params)):
             ops.assign(self.work[g], ops.concat(self.map(_flatten, self.group_params[g])))
-            self.adam(self.work[g], self.exp_avg[g], self.exp_avg_sq[g], step_lr, self.beta1, self.beta2,
+            group_lr = step_lr if self.lr_scales[g] == 1.0 else step_lr * self.lr_scales[g]  # a constant: folded
+            self.adam(self.work[g], self.exp_avg[g], self.exp_avg_sq[g], group_lr, self.beta1, self.beta2,
                       self.eps * root_correction2, self.weight_decay[g] * correction1 / root_correction2,
                       flat_grads[g])
             step = ops.depend(step, self.map(ops.partial(_assign_piece, self.work[g]), self.group_params[g],
@@ -127,11 +176,17 @@ class FlatAdamW(nn.Cell):
 class PerParameterAdamW(AdamW):
     """MindSpore's AdamW (bias-corrected moments, decoupled decay, as PyTorch's), one set of kernels
     per parameter. nn.AdamWeightDecay omits the bias correction, which makes its first hundreds of
-    steps several times larger than the lr."""
+    steps several times larger than the lr. Each parameter group's rate is the step's lr times the
+    group's scale."""
 
     # Entries not worth saving: the learning rate is set from the schedule every step, and the
     # amsgrad buffer is never used (amsgrad is off).
     NOT_SAVED_PREFIXES = ("learning_rate", "max_exp_avg_sq")
+
+    def __init__(self, groups: list[ParamGroup], lr: float, betas: tuple[float, float], eps: float):
+        super().__init__([{"params": list(group.params), "weight_decay": group.weight_decay} for group in groups],
+                         lr=lr, betas=betas, eps=eps)
+        self.lr_scales = tuple(group.lr_scale for group in groups)
 
     def checkpoint_state(self) -> dict:
         own = {id(p) for p in self.parameters}
@@ -142,21 +197,18 @@ class PerParameterAdamW(AdamW):
         return grads
 
     def update(self, grads, lr):
-        # The schedule is a step input rather than optimizer state: every group points at this step's rate.
-        for group_lr in self.lrs:
-            ops.assign(group_lr, lr)
+        # The schedule is a step input rather than optimizer state: every group points at this step's
+        # rate, times its scale (a constant: folded where it is 1).
+        for group_lr, scale in zip(self.lrs, self.lr_scales):
+            ops.assign(group_lr, lr if scale == 1.0 else lr * scale)
         return super().construct(grads)
 
 
 def build_optimizer(net, cfg: TrainConfig, flat: bool):
-    """FlatAdamW (flat=True) or PerParameterAdamW over the network's trainable parameters; biases,
-    norms, the position embedding and class token get no weight decay."""
-    params = net.trainable_params()
+    """FlatAdamW (flat=True) or PerParameterAdamW over the network's trainable parameters, in the
+    groups param_groups makes of them."""
+    groups = param_groups(net.trainable_params(), cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if flat:
-        return FlatAdamW(params, cfg.weight_decay, betas, cfg.adam_eps)
-    groups = [
-        {"params": [p for p in params if decays(p.name, p.ndim)], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if not decays(p.name, p.ndim)], "weight_decay": 0.0},
-    ]
-    return PerParameterAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
+        return FlatAdamW(groups, betas, cfg.adam_eps)
+    return PerParameterAdamW(groups, cfg.lr, betas, cfg.adam_eps)

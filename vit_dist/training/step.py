@@ -11,17 +11,18 @@ from vit_dist.training.precision import scaler_state
 
 
 class TrainStep(nn.Cell):
-    """The step as a Cell that owns every Parameter the step reads or writes: model, optimizer state
-    and loss scale. MindSpore's compile cache binds a cached graph's Parameters through the compiled
-    Cell; Parameters reached only through a jitted function's closure ran on unbound memory when a
-    second launch loaded the graph (NaN losses from the first step, updates lost)."""
+    """The step as a Cell that owns every Parameter the step reads or writes: model, optimizer state,
+    loss scale and the weights' EMA. MindSpore's compile cache binds a cached graph's Parameters
+    through the compiled Cell; Parameters reached only through a jitted function's closure ran on
+    unbound memory when a second launch loaded the graph (NaN losses from the first step, updates lost)."""
 
-    def __init__(self, step, net, optimizer, scaler):
+    def __init__(self, step, net, optimizer, scaler, ema=None):
         super().__init__(auto_prefix=False)  # the Parameters keep their names (checkpoints use them)
         self.step = step
         self.net = net
         self.optimizer = optimizer
         self.scaler_state = ParameterTuple(scaler_state(scaler).values())
+        self.ema = ema
 
     def construct(self, images, labels, lr):
         return self.step(images, labels, lr)
@@ -29,16 +30,16 @@ class TrainStep(nn.Cell):
 
 def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, clip_norm: float,
                     scaler=None, min_loss_scale: float = 1.0, accumulation: int = 1, replicas: int = 1,
-                    signal=None, soft_targets: bool = False):
+                    signal=None, soft_targets: bool = False, ema=None):
     """TrainStep(images, labels, lr) -> (loss, finite), one graph: loss -> gradients (packed as the
     optimizer lays them out) -> mean over ranks -> (unscale, overflow check) -> clip by global norm
-    -> AdamW at the given learning rate.
+    -> AdamW at the given learning rate -> the weights' EMA (a training.ema.WeightEMA), if given.
     The clipping norm is the norm of the whole gradients on every rank: under semi_auto each rank holds
     slices of the mp-split gradients (semi_auto.sliced_global_norm adds them up across ranks).
     With a loss scaler, a step whose gradients are not finite on any rank leaves parameters, optimizer
-    state and the loss scale's decision alike on every rank: the finite flag is reduced over all ranks
-    (as MindSpore's loss-scale cells do), since a rank may see only its slices or, on Ascend 910A, its
-    own device's overflow status. With
+    state, the EMA and the loss scale's decision alike on every rank: the finite flag is
+    reduced over all ranks (as MindSpore's loss-scale cells do), since a rank may see only its slices
+    or, on Ascend 910A, its own device's overflow status. With
     accumulation k the batch holds k micro-batches whose gradients are averaged before the update.
     With a backends.cpu.kernels.StepSignal the step ends with its mark and each call returns once the step has run.
     soft_targets: the labels are float [batch, classes] soft targets (mixup), label_smoothing already in them."""
@@ -54,7 +55,8 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
     def update(grads, lr):
         if clip_norm > 0:
             grads = clip_by_norm(grads, clip_norm, grad_norm(grads))
-        return optimizer.update(grads, lr)
+        updated = optimizer.update(grads, lr)
+        return updated if ema is None else ema.update(updated)
 
     if scaler is None:
         grad_fn = ms.value_and_grad(loss_of, None, optimizer.parameters)
@@ -65,7 +67,7 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
             loss = ops.depend(loss, update(reduce_gradients(optimizer.pack(grads)), lr))
             return loss, ops.ones((), ms.bool_)
 
-        return _compiled(train_step, net, optimizer, scaler, signal)
+        return _compiled(train_step, net, optimizer, scaler, signal, ema)
 
     def scaled_loss(images, labels):
         loss = loss_of(images, labels)
@@ -89,20 +91,20 @@ def make_train_step(net, optimizer, reduce_gradients, label_smoothing: float, cl
         loss = ops.depend(loss, ops.assign(scaler.scale_value, ops.maximum(scaler.scale_value, min_loss_scale)))
         return loss, finite
 
-    return _compiled(scaled_train_step, net, optimizer, scaler, signal)
+    return _compiled(scaled_train_step, net, optimizer, scaler, signal, ema)
 
 
-def _compiled(step, net, optimizer, scaler, signal):
+def _compiled(step, net, optimizer, scaler, signal, ema):
     """The step as a TrainStep; with a signal, marked at its end (its loss comes after the update and
     the loss-scale write) and paced."""
     if signal is None:
-        return TrainStep(step, net, optimizer, scaler)
+        return TrainStep(step, net, optimizer, scaler, ema)
 
     def marked_step(images, labels, lr):
         loss, finite = step(images, labels, lr)
         return signal.mark(loss), finite
 
-    return signal.paced(TrainStep(marked_step, net, optimizer, scaler))
+    return signal.paced(TrainStep(marked_step, net, optimizer, scaler, ema))
 
 
 def accumulated(grad_fn, accumulation: int, replicas: int):
