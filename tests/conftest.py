@@ -104,6 +104,18 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_image_folder(root, {"train": {c: 16 for c in classes}, "val": {c: 3 for c in classes}})
 
 
+# Every option of the ImageNet recipe, sized for tiny_config (batch 8, 16 px): the resume and restart
+# tests run with all of them on, so that each of their random draws must resume exactly.
+RECIPE = {"data": {"interpolation": "bicubic", "rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
+                   "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "repeated_augmentation": 2},
+          "train": {"ema_decay": 0.9, "layer_decay": 0.75, "recompute": True}}
+
+
+def with_recipe(**sections) -> dict:
+    """`sections` (as tiny_config takes them) with RECIPE's keys added."""
+    return {name: {**RECIPE.get(name, {}), **sections.get(name, {})} for name in {*RECIPE, *sections}}
+
+
 def tiny_config(path: Path, data_root: Path, **sections) -> Path:
     """A ViT small enough to compile and step in seconds; `sections` override keys per section."""
     cfg = {

@@ -3,6 +3,7 @@ on SIGTERM saves a verified checkpoint at the step the ranks agreed on and resum
 result; a killed worker is restarted from the newest checkpoint to the same result; a stopped worker
 ends the job within the hang timeout. No bound here depends on the machine's speed: the tests wait for
 conditions, and read the step a job stopped at rather than assume it."""
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (PYTHON, ROOT, last_checkpoint, load_params, msrun, ok, run, tiny_config, tool_env,
-                      worst_relative_difference)
+                      with_recipe, worst_relative_difference)
 from test_launch import LAUNCHERS, TWO_RANKS, _job, _read, _tagged_processes, _wait_for, worker_pid
 from vit_dist.host.checkpoint_files import read_manifest, verified
 
@@ -22,13 +23,12 @@ from vit_dist.host.checkpoint_files import read_manifest, verified
 pytestmark = pytest.mark.xdist_group("reliability")
 
 # Long (3 steps per epoch on 2 ranks, up to 3000): a signal or kill reaches it mid-run on any machine.
-# Shuffled, with random crops, flips, dropout, attention dropout and stochastic depth (a resumed run must
-# draw them all again), a checkpoint every 4 steps. A test then sets train.max_steps (which leaves the
-# learning-rate schedule as it is) to end its runs early.
-LONG = {"model": {"drop_path_rate": 0.2, "dropout": 0.1, "attention_dropout": 0.1},
-        "data": {"augment": True, "shuffle": True},
-        "train": {"epochs": 1000, "log_interval": 1},
-        "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
+# Shuffled, with the whole recipe (conftest.RECIPE), dropout, attention dropout and stochastic depth (a
+# resumed run must draw them all again, and carry the EMA on), a checkpoint every 4 steps. A test then
+# sets train.max_steps (which leaves the learning-rate schedule as it is) to end its runs early.
+LONG = with_recipe(model={"drop_path_rate": 0.2, "dropout": 0.1, "attention_dropout": 0.1},
+                   data={"augment": True, "shuffle": True}, train={"epochs": 1000, "log_interval": 1},
+                   checkpoint={"every_n_steps": 4, "keep_last": 3})
 STOPPED = re.compile(r"^error: stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\); resume with: (.+)$", re.M)
 
 
@@ -129,6 +129,8 @@ def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(config, uninter
     first = run_dir / "logs" / "attempt_0"  # the killed attempt's logs, kept beside the restart's
     assert "step 4/60" in _read(first / "worker_0.log") and "resumed from" not in _read(first / "worker_0.log")
     assert (first / "worker_1.log").is_file()
+    final = json.loads((run_dir / "eval.json").read_text())  # the model and its EMA, evaluated on 2 ranks
+    assert final["images"] == 9 and 0 <= final["top1"] <= 1 and 0 <= final["ema_top1"] <= 1, final
     _same_as_uninterrupted(uninterrupted, run_dir, 60)
 
 

@@ -10,15 +10,16 @@ import time
 
 import numpy as np
 
-from conftest import PYTHON, ROOT, last_checkpoint, load_params, ok, tiny_config, tool_env, vit_dist
+from conftest import PYTHON, ROOT, last_checkpoint, load_params, ok, tiny_config, tool_env, vit_dist, with_recipe
 
-# Shuffled (so the resumed data order matters), augmented and with stochastic depth (so the resumed
-# random crops, flips and drop-path masks matter), 60 steps, 5 evaluations of the model and its EMA;
+# Shuffled (so the resumed data order matters), augmented with the whole recipe and with stochastic
+# depth (so every random draw of the resumed run matters: crops, flips, RandAugment, erasing, mixup,
+# cutmix, repeated augmentation, drop-path masks), 60 steps, 5 evaluations of the model and its EMA;
 # the learning rate 1e-3 as 5e-4 for a global batch of 4, scaled to the run's 8.
-RESUMABLE = {"model": {"drop_path_rate": 0.2}, "data": {"augment": True, "shuffle": True},
-             "train": {"epochs": 10, "log_interval": 5, "eval_every_epochs": 2, "ema_decay": 0.9, "lr": 5.0e-4,
-                       "lr_base_batch": 4},
-             "checkpoint": {"every_n_steps": 4, "keep_last": 3}}
+RESUMABLE = with_recipe(model={"drop_path_rate": 0.2}, data={"augment": True, "shuffle": True},
+                        train={"epochs": 10, "log_interval": 5, "eval_every_epochs": 2, "ema_decay": 0.9, "lr": 5.0e-4,
+                               "lr_base_batch": 4},
+                        checkpoint={"every_n_steps": 4, "keep_last": 3})
 SCALED_LR = "peak learning rate 0.001) on 1 rank(s)"
 SCALING = "train.lr 0.001 is 0.0005 x global batch 8 / train.lr_base_batch 4"
 
