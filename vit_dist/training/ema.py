@@ -17,15 +17,15 @@ def _lerp_tensor(rate, average, param):
 
 
 class WeightEMA(nn.Cell):
-    """average <- decay * average + (1 - decay) * weight for every trainable weight, each time update() runs
-    in the train step (after the optimizer's update): timm's ModelEmaV3 update (a lerp) at a fixed decay,
-    with neither its warm-up (off by default there too) nor buffers to average (a ViT has none: LayerNorm
-    keeps no running statistics; the backend's draw counters are not weights). The averages start as
-    copies of the weights.
+    """average <- decay * average + (1 - decay) * weight for every trainable weight, each time
+    update() runs in the train step (after the optimizer's update): timm's ModelEmaV3 update (a lerp)
+    at a fixed decay, with neither its warm-up (off by default there too) nor buffers to average (a
+    ViT has none: LayerNorm keeps no running statistics; the backend's draw counters are not
+    weights). The averages start as copies of the weights.
 
-    The averages are clones of the weights (Parameter.clone), named ema.<weight's name> in checkpoints:
-    under semi_auto MindSpore lays a clone out as its weight, as it does the optimizer's moments, so
-    each rank averages the slices it holds."""
+    The averages are clones of the weights (Parameter.clone), named ema.<weight's name> in
+    checkpoints: under semi_auto MindSpore lays a clone out as its weight, as it does the optimizer's
+    moments, so each rank averages the slices it holds."""
 
     def __init__(self, weights, decay: float):
         super().__init__(auto_prefix=False)  # the averages keep their ema.<name> names
@@ -36,7 +36,9 @@ class WeightEMA(nn.Cell):
 
     def update(self, after):
         """Moves the averages towards the weights; `after` (the optimizer update's result) is returned
-        once they are written, so what follows in the step comes after them."""
+        once they are written, so what follows in the step comes after them. Called after the
+        optimizer's update: MindSpore's graph orders reads of a Parameter after the writes to it that
+        come before them in the program, so the averages take the updated weights."""
         return ops.depend(after, self.map(ops.partial(_lerp, self.rate), self.average, self.weights))
 
     def checkpoint_state(self) -> dict:
