@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
-# tests/run.sh runs the suite on two xdist workers (--dist loadgroup): a test is a unit of work, except
-# that a module's tests sharing module-scoped runs carry one xdist_group and go to one worker. The
-# modules that take longest start first, so that both workers finish at about the same time.
+# tests/run.sh runs the suite on two xdist workers, a module to a worker (--dist loadfile: its
+# module-scoped runs are made once). The modules that take longest start first, so that both workers
+# finish at about the same time.
 LONGEST_FIRST = ("test_precision", "test_launch", "test_train_e2e", "test_reliability", "test_bench",
                  "test_run_dirs", "test_resume", "test_bad_data", "test_semi_auto", "test_pretrained")
 

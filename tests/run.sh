@@ -8,4 +8,4 @@ bash "$ROOT/launch/install.sh" test,mpi
 cd "$ROOT"
 # Two workers: much of a launch test is waiting (process start, MindSpore's cluster joining, a
 # failure or hang timeout), which the other worker's tests fill. See tests/conftest.py.
-exec "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider -n 2 --dist loadgroup "$@"
+exec "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile "$@"

@@ -9,8 +9,6 @@ from conftest import vit_model, worst_relative_difference
 from vit_dist.host.config import load_config
 from vit_dist.host.errors import ConfigError
 
-# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
-pytestmark = pytest.mark.xdist_group("cpu_kernels")
 
 TINY = ["model.variant=ti", "model.patch_size=8", "data.image_size=32", "model.depth=2", "model.drop_path_rate=0",
         "parallel.device_target=CPU"]

@@ -16,8 +16,6 @@ from conftest import (MPI_AS_ROOT, ROOT, last_checkpoint, load_params, mpirun, m
                       worst_relative_difference, write_image_folder)
 from vit_dist.bootstrap import Placement, detect_placement
 
-# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
-pytestmark = pytest.mark.xdist_group("launch")
 
 EXACT = {"data": {"augment": False, "shuffle": False}}
 # Short enough to keep the failure tests quick, long enough that MindSpore's own default (30 s)

@@ -16,8 +16,6 @@ from vit_dist.cli import main
 from vit_dist.host.config import load_config
 from vit_dist.tools.infer import preprocess, write_predictions
 
-# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
-pytestmark = pytest.mark.xdist_group("pretrained")
 
 # The test extra installs them: a machine without them fails here rather than skipping in silence.
 import torch  # noqa: E402

@@ -19,8 +19,6 @@ from conftest import (PYTHON, ROOT, last_checkpoint, load_params, msrun, ok, run
 from test_launch import LAUNCHERS, TWO_RANKS, _job, _read, _tagged_processes, _wait_for, worker_pid
 from vit_dist.host.checkpoint_files import read_manifest, verified
 
-# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
-pytestmark = pytest.mark.xdist_group("reliability")
 
 # Long (3 steps per epoch on 2 ranks, up to 3000): a signal or kill reaches it mid-run on any machine.
 # Shuffled, with the whole recipe (conftest.RECIPE), dropout, attention dropout and stochastic depth (a

@@ -11,8 +11,6 @@ import pytest
 from conftest import PYTHON, ROOT, ok, run, tiny_config, tool_env
 from vit_dist.host.run_record import remove_unstarted_run_dir
 
-# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
-pytestmark = pytest.mark.xdist_group("run_dirs")
 
 
 def vit_dist_in(cwd: Path, *args: str):

@@ -8,8 +8,6 @@ import pytest
 
 from conftest import last_checkpoint, load_params, mpirun, msrun, ok, tiny_config, vit_dist, worst_relative_difference
 
-# Its tests share module-scoped runs: one xdist worker takes them all (tests/run.sh), so each runs once.
-pytestmark = pytest.mark.xdist_group("train_e2e")
 
 EXACT = {"data": {"augment": False, "shuffle": False}, "train": {"eval_batch_size": 2}}
 
