@@ -128,6 +128,84 @@ def test_generate_without_hccn_conf_explains_fix(capsys: pytest.CaptureFixture[s
     assert len(err) == 1 and "/etc/hccn.conf not found" in err[0] and "--hccn-conf" in err[0]
 
 
+def generate_args(tmp_path: Path, devices: str, *options: str) -> tuple[list[str], Path]:
+    """generate's arguments for `devices` of server 10.0.0.1 (hccn.conf of subnet 100, devices 0-7), and its output."""
+    out = tmp_path / "table.json"
+    hccn = write_hccn_conf(tmp_path / "hccn.conf", 100)
+    return ["generate", "--devices", devices, "--server-ip", "10.0.0.1", "--hccn-conf", str(hccn),
+            "--out", str(out), *options], out
+
+
+def device_entries(table: Path) -> list[tuple[str, str, str]]:
+    return [(d["device_id"], d["device_ip"], d["rank_id"]) for d in json.loads(table.read_text())["server_list"][0]["device"]]
+
+
+@pytest.mark.parametrize(("devices", "ids"), [
+    ("0-7", range(8)), ("0-3", range(4)), ("4-7", range(4, 8)), ("6,7", (6, 7)), ("1,3", (1, 3)), ("5", (5,))])
+def test_generate_for_910a_takes_one_hccs_group_or_all(devices: str, ids, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, devices, "--chip", "910A")
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    assert [entry[0] for entry in device_entries(out)] == [str(d) for d in ids]
+
+
+@pytest.mark.parametrize(("devices", "problem"), [
+    ("2-5", "devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use devices within 0-3 or within 4-7, "
+            "or all 8"),
+    ("3,4", "devices 3, 4 span both HCCS groups of a 910A server; use devices within 0-3 or within 4-7, or all 8"),
+    ("0-2", "3 devices (0, 1, 2); a 910A server runs 1, 2 or 4 devices of one HCCS group (0-3 or 4-7), or all 8"),
+    ("0-5", "6 devices (0, 1, 2, 3, 4, 5); a 910A server runs 1, 2 or 4 devices of one HCCS group (0-3 or 4-7), "
+            "or all 8"),
+])
+def test_generate_for_910a_refuses_what_hccl_refuses(devices: str, problem: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, devices, "--chip", "910A")
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [f"server_list[0] (10.0.0.1): {problem}"]
+    assert not out.exists()
+
+
+def test_generate_for_910b_takes_any_devices_and_unnamed_chips_warn(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, "2-5", "--chip", "910B")
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    assert [entry[0] for entry in device_entries(out)] == ["2", "3", "4", "5"]
+    out.unlink()
+    args, out = generate_args(tmp_path, "2-5")  # no --chip: the table, and a warning
+    assert main(args) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: server_list[0] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use devices "
+        "within 0-3 or within 4-7, or all 8 (fine on Atlas A2/910B servers; say which with --chip 910A or --chip 910B)"]
+    assert [entry[0] for entry in device_entries(out)] == ["2", "3", "4", "5"]
+
+
+def test_generate_in_a_container_writes_physical_ids_and_their_ips(tmp_path: Path) -> None:
+    """A container given physical NPUs 4-7 numbers them 0-3; the table holds the physical ids and the IPs
+    hccn.conf lists for them (as hccl_tools.py's --visible_devices)."""
+    args, out = generate_args(tmp_path, "0-3", "--visible-devices", "4,5,6,7", "--chip", "910A")
+    assert main(args) == 0
+    assert device_entries(out) == [("4", "192.168.100.105", "0"), ("5", "192.168.100.106", "1"),
+                                   ("6", "192.168.100.107", "2"), ("7", "192.168.100.108", "3")]
+
+
+@pytest.mark.parametrize(("devices", "visible", "line"), [
+    ("0-4", "4,5,6,7", "--devices 4 is not visible: --visible-devices lists 4 device(s), which this container "
+                       "numbers 0-3"),
+    ("0-3", "2,3,4,5", "server_list[0] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use "
+                       "devices within 0-3 or within 4-7, or all 8"),  # the rule holds for the physical ids
+    ("0", "4,4", "bad --visible-devices '4,4': a device is listed twice"),
+    ("0", "4-7", "bad --visible-devices '4-7': give physical device ids 0-15 separated by commas, e.g. 4,5,6,7"),
+])
+def test_generate_in_a_container_refuses_in_one_line(devices: str, visible: str, line: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, devices, "--visible-devices", visible, "--chip", "910A")
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not out.exists()
+
+
 # --- merge ---------------------------------------------------------------------------
 
 
@@ -177,6 +255,31 @@ def test_examples_validate(name: str, servers: int, ranks: int, capsys: pytest.C
     path = EXAMPLES / name
     assert main(["validate", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: OK: {servers} server(s), {ranks} rank(s)\n"
+
+
+def test_validate_for_910a_refuses_what_generate_refuses(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A table made for Atlas A2 servers (2-5 on one, 0-3 on another) is refused for 910A servers only."""
+    first = generate(tmp_path, "10.0.0.2", 101, "0,1")
+    args, second = generate_args(tmp_path, "2-5", "--chip", "910B")
+    assert main(args) == 0
+    merged = tmp_path / "merged.json"
+    assert main(["merge", str(first), str(second), "--out", str(merged)]) == 0
+    assert main(["validate", "--chip", "910B", str(merged)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["validate", "--chip", "910A", str(merged)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{merged}: server_list[1] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use "
+        "devices within 0-3 or within 4-7, or all 8",
+        f"{merged}: the servers use 2 or 4 devices; on 910A servers every server must use the same number"]
+    assert main(["validate", str(merged)]) == 0  # unnamed chip: warnings
+    captured = capsys.readouterr()
+    assert [line.split(" (fine on")[0] for line in captured.err.splitlines()] == [
+        f"warning: {merged}: server_list[1] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; "
+        "use devices within 0-3 or within 4-7, or all 8",
+        f"warning: {merged}: the servers use 2 or 4 devices; on 910A servers every server must use the same number"]
+    assert captured.out == f"{merged}: OK: 2 server(s), 6 rank(s)\n"
+    assert main(["validate", "--chip", "910A", str(EXAMPLES / "rank_table_2server_16dev.json")]) == 0
 
 
 def test_load_rank_table_returns_dataclasses() -> None:
@@ -289,10 +392,20 @@ def test_local_ranks_lists_one_server(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["local-ranks", str(path), "--server-index", "1"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "rank_size 16", "server_count 2", "server_id 192.98.92.101",
-        *(f"device {d} {d + 8}" for d in range(8)),
+        *(f"device {d} {d + 8} {d}" for d in range(8)),  # physical id, rank, the id the worker is given
     ]
     assert main(["local-ranks", str(path), "--server-index", "2"]) == 2
     assert "--server-index 2 out of range" in capsys.readouterr().err
+
+
+def test_local_ranks_gives_the_containers_device_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = generate(tmp_path, "10.0.0.1", 100, "4-7")
+    assert main(["local-ranks", str(table), "--visible-devices", "4,5,6,7"]) == 0
+    assert capsys.readouterr().out.splitlines()[3:] == ["device 4 0 0", "device 5 1 1", "device 6 2 2", "device 7 3 3"]
+    assert main(["local-ranks", str(table), "--visible-devices", "5,6,7"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{table}: device 4 of server 0 (10.0.0.1) is not among --visible-devices 5,6,7; list every physical device "
+        "this container was given, in its order"]
 
 
 # --- launcher ------------------------------------------------------------------------
