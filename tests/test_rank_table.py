@@ -408,13 +408,89 @@ def test_local_ranks_gives_the_containers_device_ids(tmp_path: Path, capsys: pyt
         "this container was given, in its order"]
 
 
+# --- detection of a rank-table start (bootstrap) --------------------------------------------
+
+
+@pytest.fixture()
+def crossed_table(tmp_path: Path) -> Path:
+    """Server 10.0.0.2 with devices 4-7 (ranks 0-3), then 10.0.0.1 with devices 0-3 (ranks 4-7): each device id
+    on one server only, and no rank equal to its device."""
+    second = generate(tmp_path, "10.0.0.2", 101, "4-7")
+    first = generate(tmp_path, "10.0.0.1", 100, "0-3")
+    merged = tmp_path / "crossed.json"
+    assert main(["merge", str(second), str(first), "--out", str(merged)]) == 0
+    return merged
+
+
+# The placement a process of a user's own start script gets, in a process of its own with only the given
+# variables (and this tree on the path).
+DETECT = ("import os; from vit_dist.bootstrap import detect_placement; p = detect_placement(os.environ); "
+          "print(p.launcher, p.rank, p.world_size, p.local_rank, p.local_world_size)")
+
+
+def detect(**env: str) -> subprocess.CompletedProcess[str]:
+    return run([PYTHON, "-c", DETECT], timeout=60, env={"PYTHONPATH": str(ROOT), **env})
+
+
+@pytest.mark.parametrize(("variables", "placement"), [
+    ({"RANK_TABLE_FILE": "T", "DEVICE_ID": "5"}, "rank_table 1 8 5 4"),  # no RANK_SIZE, no RANK_ID
+    ({"RANK_TABLE_FILE": "T", "DEVICE_ID": "2", "RANK_SIZE": "8"}, "rank_table 6 8 2 4"),
+    ({"RANK_TABLE_FILE": "T", "RANK_ID": "6"}, "rank_table 6 8 2 4"),  # DEVICE_ID: the table's for rank 6
+    ({"MINDSPORE_HCCL_CONFIG_PATH": "T", "DEVICE_ID": "7", "LOCAL_WORLD_SIZE": "1"}, "rank_table 3 8 7 1"),
+    ({"RANK_TABLE_FILE": "T", "RANK_ID": "0", "DEVICE_ID": "0"}, "rank_table 0 8 0 4"),  # a container's DEVICE_ID
+])
+def test_a_rank_table_start_is_detected_without_rank_size(variables: dict, placement: str,
+                                                          crossed_table: Path) -> None:
+    result = detect(**{name: str(crossed_table) if value == "T" else value for name, value in variables.items()})
+    assert (result.returncode, result.stdout, result.stderr) == (0, placement + "\n", "")
+
+
+@pytest.mark.parametrize(("variables", "line"), [
+    ({"DEVICE_ID": "9"}, "DEVICE_ID=9 is on no server of rank table <T>, so this process's rank is unknown; set "
+                         "RANK_ID to its rank_id in the table"),
+    ({}, "rank table <T> is set but neither RANK_ID nor DEVICE_ID is: set RANK_ID to this process's rank_id in the "
+         "table, and DEVICE_ID to its device"),
+    ({"DEVICE_ID": "2", "RANK_SIZE": "16"}, "RANK_SIZE=16 but rank table <T> has 8 device(s); set RANK_SIZE=8 or "
+                                            "unset it"),
+    ({"RANK_ID": "8"}, "RANK_ID=8 is not a rank of rank table <T> (ranks 0-7); set RANK_ID to this process's rank_id "
+                       "in the table"),
+    ({"RANK_ID": "-1"}, "RANK_ID='-1' is not a whole number; set it to one, or unset it"),
+])
+def test_a_rank_table_start_that_cannot_be_placed_stops_in_one_line(variables: dict, line: str, crossed_table: Path,
+                                                                    tmp_path: Path) -> None:
+    """Through the CLI, before anything starts: one line, exit status 2."""
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "no_data")
+    result = run([PYTHON, "-m", "vit_dist", "train", str(config)], timeout=60,
+                 env={"PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "RANK_TABLE_FILE": str(crossed_table),
+                      **variables})
+    assert (result.returncode, result.stderr.splitlines()) == (2, ["error: " + line.replace("<T>", str(crossed_table))])
+
+
+def test_a_device_on_several_servers_needs_rank_id() -> None:
+    table = EXAMPLES / "rank_table_2server_16dev.json"
+    result = detect(RANK_TABLE_FILE=str(table), DEVICE_ID="1")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"vit_dist.host.errors.ConfigError: DEVICE_ID=1 is on 2 servers of rank table {table}, so this process's "
+        "rank is unknown; set RANK_ID to its rank_id in the table")
+    assert detect(RANK_TABLE_FILE=str(table), DEVICE_ID="1", RANK_ID="9").stdout == "rank_table 9 16 1 8\n"
+
+
+def test_an_invalid_rank_table_is_one_line(tmp_path: Path) -> None:
+    path = broken_table(tmp_path, "duplicate_rank", "status")
+    result = detect(RANK_TABLE_FILE=str(path), RANK_ID="0")
+    assert result.stderr.splitlines()[-1] == (
+        f"vit_dist.host.errors.ConfigError: rank table {path}: status must be \"completed\", got \"initializing\" "
+        f"(and 2 more problem(s)); check it with vit-dist rank-table validate {path}")
+
+
 # --- launcher ------------------------------------------------------------------------
 
 
 def launcher_env(**extra: str) -> dict:
     """tool_env with this tree's package first on PYTHONPATH, for launchers run from a copy of launch/."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return tool_env(PYTHONPATH=path, **extra)
+    return {**tool_env(PYTHONPATH=path), **extra}  # after tool_env, which drops MS_ROLE
 
 
 def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -441,6 +517,26 @@ def test_launcher_dry_run_second_server(two_server_table: Path, tmp_path: Path) 
                  "nodes           2; this is server 1 (10.0.0.2)", "run directory   RUN_DIR"):
         assert line in result.stdout
     assert list(cwd.iterdir()) == []  # a dry run creates nothing, not even a run directory
+
+
+def test_launcher_dry_run_in_a_container_inside_an_outer_job(tmp_path: Path) -> None:
+    """A container given physical NPUs 4-7 (the table's ids) sees them as 0-3: DEVICE_ID is the container's;
+    another launcher's variables are removed from each worker's environment."""
+    table = generate(tmp_path, "10.0.0.1", 100, "4-7")
+    env = launcher_env(MS_ROLE="MS_WORKER", MS_WORKER_NUM="8", OMPI_COMM_WORLD_SIZE="8", PRTE_LAUNCHED="1")
+    result = run(["bash", str(LAUNCHER), "--dry-run", "--visible-devices", "4,5,6,7", str(table), "cfg.yaml"],
+                 cwd=tmp_path, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "  local devices   4 5 6 7 (ranks 0 1 2 3); DEVICE_ID 0 1 2 3 in this container\n" in result.stdout
+    assert ("  environment     MS_ROLE MS_WORKER_NUM OMPI_COMM_WORLD_SIZE PRTE_LAUNCHED (another launcher's, removed "
+            "for the workers)\n") in result.stdout
+    rank_lines = [line for line in result.stdout.splitlines() if line.startswith("env ")]
+    assert [line.split(f" RANK_SIZE=4 RANK_TABLE_FILE={table} ")[0] for line in rank_lines] == [
+        f"env -u MS_ROLE -u MS_WORKER_NUM -u OMPI_COMM_WORLD_SIZE -u PRTE_LAUNCHED DEVICE_ID={rank} RANK_ID={rank}"
+        for rank in range(4)]
+    shown = subprocess.run(["bash", "-c", rank_lines[0].split(f" {PYTHON} ")[0] + " env"], env=env,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "DEVICE_ID=0" in shown and not [line for line in shown if line.startswith(("MS_", "OMPI_", "PRTE_"))]
 
 
 @pytest.mark.parametrize("job", [["train"], ["eval", "--ckpt", "c.safetensors"], ["bench", "--steps", "3"]])
@@ -472,11 +568,17 @@ def test_launcher_refuses_a_server_index_past_the_table() -> None:
     assert result.stderr.splitlines() == [f"{table}: --server-index 2 out of range; the table has 2 server(s) (0..1)"]
 
 
-# A stand-in for launch/worker.py (the real one needs Ascend): it says where it would write, then, as
-# STANDIN says, succeeds, sleeps, or fails as rank 1 while the other ranks sleep.
+# A stand-in for launch/worker.py (the real one needs Ascend): it says where it would write, where the
+# bootstrap layer places it and which launchers' variables it sees, then, as STANDIN says, succeeds,
+# sleeps, or fails as rank 1 while the other ranks sleep.
 STANDIN_WORKER = """\
 import os, sys, time
+from vit_dist.bootstrap import detect_placement
 print("rank", os.environ["RANK_ID"], "args", sys.argv[1:], flush=True)
+p = detect_placement(os.environ)
+print("placement", p.launcher, p.rank, p.world_size, p.local_rank, p.local_world_size, flush=True)
+print("foreign", sorted(k for k in os.environ if k.startswith(("MS_", "OMPI_", "PMIX_", "PRTE_", "VIT_DIST_"))
+                        and k != "VIT_DIST_JOB"), flush=True)
 if os.environ["STANDIN"] == "fail" and os.environ["RANK_ID"] == "1":
     print("simulated failure", flush=True)
     sys.exit(3)
@@ -499,8 +601,8 @@ class Standin:
     def command(self, *args: str) -> list[str]:
         return ["bash", str(self.folder / "launch" / "rank_table.sh"), str(self.table), str(self.config), *args]
 
-    def run(self, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return run(self.command(*args), cwd=self.folder, timeout=120, env=launcher_env(STANDIN=mode))
+    def run(self, mode: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return run(self.command(*args), cwd=self.folder, timeout=120, env=launcher_env(STANDIN=mode, **env))
 
     def workers(self) -> list[int]:
         found = subprocess.run(["pgrep", "-f", str(self.folder / "launch" / "worker.py")], capture_output=True,
@@ -523,18 +625,41 @@ def _run_dir(stdout: str) -> Path:
     return Path(re.search(r"^  run directory   (.+)$", stdout, re.MULTILINE)[1])
 
 
+# What an outer msrun or mpirun job leaves in the environment: a worker that inherited it would take
+# that launcher's path (placement msrun, world 8).
+OUTER_JOB = {"MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "8", "MS_SCHED_HOST": "10.9.9.9", "MS_SCHED_PORT": "8118",
+             "MS_NODE_ID": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5", "PMIX_RANK": "5",
+             "VIT_DIST_NODE_RANK": "1"}
+
+
 def test_launcher_workers_share_one_run_directory(standin: Standin) -> None:
-    result = standin.run("succeed")
+    """Started inside an outer job, the workers see none of its variables, and are placed by the table."""
+    result = standin.run("succeed", **OUTER_JOB)
     assert result.returncode == 0, result.stderr
     run_dir = _run_dir(result.stdout)
     runs = standin.folder / "runs"
     assert run_dir.parent == runs and [p.name for p in runs.iterdir()] == [run_dir.name]
+    assert f"  environment     {' '.join(sorted(OUTER_JOB))} (another launcher's, removed for the workers)\n" \
+        in result.stdout
     for rank in range(4):
         log = (run_dir / "logs" / f"worker_{rank}.log").read_text()
         assert log == (f"rank {rank} args ['train', '{standin.config}', '--set', 'train.output_dir={run_dir}', "
-                       "'parallel.device_target=CPU']\n")  # the device as the pre-flight resolved it
+                       "'parallel.device_target=CPU']\n"  # the device as the pre-flight resolved it
+                       f"placement rank_table {rank} 4 {rank} 4\n"
+                       "foreign []\n")
     assert "rank 0 args" in result.stdout  # the first local worker on the console
     assert result.stdout.splitlines()[-1] == f"all 4 workers of server 0 finished; logs in {run_dir}/logs"
+
+
+def test_launcher_across_servers_needs_a_shared_output_dir(standin: Standin, two_server_table: Path) -> None:
+    """Each server's launcher would pick a run directory of its own: the job must name the shared one."""
+    result = run(["bash", str(standin.folder / "launch" / "rank_table.sh"), "--server-index", "1",
+                  str(two_server_table), str(standin.config)], cwd=standin.folder, timeout=120,
+                 env=launcher_env(STANDIN="succeed"))
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        "error: a job across 2 nodes needs train.output_dir: each node's launcher would make a run directory of its "
+        "own; set it to a directory every node shares"])
+    assert not (standin.folder / "runs").exists()
 
 
 def test_launcher_stops_everyone_when_a_worker_fails(standin: Standin) -> None:
