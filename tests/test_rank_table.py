@@ -476,6 +476,20 @@ def test_a_device_on_several_servers_needs_rank_id() -> None:
     assert detect(RANK_TABLE_FILE=str(table), DEVICE_ID="1", RANK_ID="9").stdout == "rank_table 9 16 1 8\n"
 
 
+def test_the_backend_start_exports_the_placement_hccl_reads(tmp_path: Path) -> None:
+    """MindSpore's HCCL start reads RANK_ID and RANK_SIZE itself: what vit-dist derived must be in the
+    environment by then, RANK_ID derived from DEVICE_ID here (shown on one device, where init_backend brings
+    up no collective)."""
+    args, table = generate_args(tmp_path, "3")
+    assert main(args) == 0
+    script = ("import os; from vit_dist import bootstrap; p = bootstrap.detect_placement(os.environ); "
+              "bootstrap.init_backend('CPU', 1, p); "
+              "print(os.environ['RANK_ID'], os.environ['RANK_SIZE'], os.environ['DEVICE_ID'])")
+    result = run([PYTHON, "-c", script], timeout=120,
+                 env={"PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "RANK_TABLE_FILE": str(table), "DEVICE_ID": "3"})
+    assert (result.returncode, result.stdout.splitlines()[-1:]) == (0, ["0 1 3"]), result.stderr
+
+
 def test_an_invalid_rank_table_is_one_line(tmp_path: Path) -> None:
     path = broken_table(tmp_path, "duplicate_rank", "status")
     result = detect(RANK_TABLE_FILE=str(path), RANK_ID="0")
@@ -537,6 +551,20 @@ def test_launcher_dry_run_in_a_container_inside_an_outer_job(tmp_path: Path) -> 
     shown = subprocess.run(["bash", "-c", rank_lines[0].split(f" {PYTHON} ")[0] + " env"], env=env,
                            capture_output=True, text=True, check=True).stdout.splitlines()
     assert "DEVICE_ID=0" in shown and not [line for line in shown if line.startswith(("MS_", "OMPI_", "PRTE_"))]
+
+
+def test_launcher_applies_the_chip_rule_it_is_given(tmp_path: Path) -> None:
+    args, table = generate_args(tmp_path, "2-5", "--chip", "910B")
+    assert main(args) == 0
+    assert run_launcher("--dry-run", "--chip", "910B", str(table), "cfg.yaml").returncode == 0
+    result = run_launcher("--dry-run", "--chip", "910A", str(table), "cfg.yaml")
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"{table}: server_list[0] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use "
+        "devices within 0-3 or within 4-7, or all 8",
+        f"error: invalid rank table {table}; fix the problems above, or make it anew (vit-dist rank-table generate)"])
+    result = run_launcher("--dry-run", "--chip", "910", str(table), "cfg.yaml")
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        "error: --chip is 910A (Atlas training series) or 910B (Atlas A2 and later), got '910'"])
 
 
 @pytest.mark.parametrize("job", [["train"], ["eval", "--ckpt", "c.safetensors"], ["bench", "--steps", "3"]])
