@@ -1,4 +1,5 @@
-"""The bootstrap layer: the process's place in the job, read from the environment once; the device
+"""The bootstrap layer: the process's place in the job, read from the environment once (under a rank
+table, checked against the table and completed from it); the device
 (parallel.device_target auto resolved); the mpirun bootstrap of MindSpore's cluster; the scheduler
 role; the backend brought up; rank 0's run directory shared with ranks started without one.
 
