@@ -210,7 +210,9 @@ SEMI = ["parallel.mode=semi_auto", "parallel.device_target=Ascend"]
 
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.mode=semi_auto", "parallel.device_target=CPU"],
-     r"parallel\.mode semi_auto needs parallel\.device_target Ascend or GPU: MindSpore 2\.10 refuses"),
+     r"parallel\.mode semi_auto needs parallel\.device_target Ascend: MindSpore 2\.10 supports"),
+    (["parallel.mode=semi_auto", "parallel.device_target=GPU"],
+     r"parallel\.mode semi_auto needs parallel\.device_target Ascend: .* not on GPU; use parallel\.mode=data there$"),
     (SEMI + ["parallel.model_parallel=4", "model.variant=s"],
      r"model\.num_heads 6 is not divisible by parallel\.model_parallel 4"),
     (SEMI + ["parallel.model_parallel=4", "model.mlp_dim=1001"],
@@ -220,6 +222,7 @@ SEMI = ["parallel.mode=semi_auto", "parallel.device_target=Ascend"]
     (["parallel.model_parallel=2"], r"need parallel\.mode=semi_auto"),
     (["parallel.optimizer_shard=true"], r"need parallel\.mode=semi_auto"),
     (SEMI + ["parallel.optimizer_shard=true"], r"set train\.grad_clip_norm=0 with it"),
+    (SEMI + ["train.compile_cache=/tmp/cache"], r"skips writing the strategy file .*; set train\.compile_cache=null$"),
     (["parallel.grad_accumulation=0"], r"parallel\.model_parallel and parallel\.grad_accumulation must be at least 1"),
     (["parallel.mode=tensor"], r"parallel\.mode 'tensor' is not supported; use one of data, semi_auto"),
 ])
@@ -243,7 +246,7 @@ def test_semi_auto_on_cpu_fails_before_anything_compiles(tiny_data, tmp_path):
     result = run([PYTHON, "-m", "vit_dist", "train", str(config)], timeout=120, env=tool_env())
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: parallel.mode semi_auto needs parallel.device_target Ascend or GPU")
+        "error: parallel.mode semi_auto needs parallel.device_target Ascend:")
     assert not (tmp_path / "run").exists()
 
 

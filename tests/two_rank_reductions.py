@@ -28,6 +28,7 @@ from vit_dist.models.vit import Linear, VisionTransformer  # noqa: E402
 from vit_dist.parallel import semi_auto  # noqa: E402
 from vit_dist.training.ema import WeightEMA  # noqa: E402
 from vit_dist.training.optim import build_optimizer  # noqa: E402
+from vit_dist.training.loss import train_loss  # noqa: E402
 from vit_dist.training.step import make_train_step  # noqa: E402
 
 TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=2",
@@ -83,7 +84,7 @@ def main(out_dir: Path) -> None:
     optimizer = build_optimizer(net, cfg.train, flat=False)
     scaler = amp.DynamicLossScaler(2.0 ** 10, 2, 1000)
     ema = WeightEMA(net.trainable_params(), 0.9)
-    step = make_train_step(net, optimizer, semi_auto.reduced_by_mindspore, 0.0, 1.0, scaler, ema=ema)
+    step = make_train_step(net, optimizer, train_loss(0.0, False), semi_auto.reduced_by_mindspore, 1.0, scaler, ema=ema)
     before = np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
     images = np.random.default_rng(rank).standard_normal((4, 3, 16, 16)).astype(np.float32)
     labels = Tensor(np.arange(4, dtype=np.int32))

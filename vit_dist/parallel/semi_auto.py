@@ -22,7 +22,7 @@ The optimizer side of the step (clipping, the overflow check, AdamW) is outside 
 pass: it runs on each rank's local slices. apply_strategies therefore marks each Parameter with the
 number of slices mp cuts it into, and sliced_global_norm adds the slices' squares up across ranks.
 
-MindSpore 2.10 runs this only on Ascend/GPU; config.validate refuses semi_auto elsewhere.
+MindSpore 2.10 documents AutoParallel for Ascend only; config.validate refuses semi_auto elsewhere.
 """
 from __future__ import annotations
 
