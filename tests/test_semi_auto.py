@@ -167,7 +167,8 @@ def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
     clipping norm from gradients sliced as mp = 2 slices them equals numpy's norm of the whole
     gradients, and an inf in rank 1's batch only, with no gradient reduction (semi_auto's: each rank
     keeps its own), makes both ranks skip the step with equal parameters, EMAs and loss scales; the
-    next step moves the EMA as numpy does."""
+    next step moves the EMA as numpy does. And data mode's per-parameter layout (Ascend and GPU: MindSpore's
+    AdamW with DistributedGradReducer) trains as the CPU's flat one, the two ranks on different batches."""
     import socket
 
     with socket.socket() as s:
@@ -188,6 +189,14 @@ def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
         assert r["next_finite"] and r["next_changed"]
         assert not r["overflow_ema_changed"] and r["next_ema_error"] < 1e-6
     assert np.array_equal(ranks[0]["overflow_params"], ranks[1]["overflow_params"])
+    # Data mode: the accelerators' per-parameter AdamW with DistributedGradReducer trains as the CPU's flat
+    # AdamW with its flat all-reduces, and both keep the ranks equal though each rank read its own batch.
+    for r in ranks:
+        flat, per_parameter = r["data_flat"] - r["data_before"], r["data_per_parameter"] - r["data_before"]
+        assert np.abs(flat).max() > 0
+        np.testing.assert_allclose(per_parameter, flat, rtol=1e-4, atol=1e-4 * np.abs(flat).max())
+    np.testing.assert_allclose(ranks[0]["data_per_parameter"], ranks[1]["data_per_parameter"], rtol=1e-6, atol=1e-8)
+    assert np.array_equal(ranks[0]["data_flat"], ranks[1]["data_flat"])
 
 
 def test_strategies_keep_the_model_and_its_numbers():
@@ -351,9 +360,11 @@ def test_the_plan_counts_recompute_the_optimizers_buffers_and_the_cpu_runtime():
     stock = planner.step_estimate(load_config(b16, cpu + ["parallel.fused_cpu_kernels=false"]), 1)
     assert (stock.runtime_gb - plain.runtime_gb) * gib == pytest.approx(
         12 * depth * mib + 16 * batch * depth * tokens * (3 * dim + 4 * dim))  # and q, k, v and fc1
-    # semi_auto on Ascend: the gradients once, no runtime figure.
+    # semi_auto on Ascend, and data mode there (per-parameter AdamW): the gradients once, no runtime figure.
     semi = planner.step_estimate(load_config(b16, SEMI + ["parallel.model_parallel=2"]), 8)
     assert semi.gradient_gb == pytest.approx(semi.params_per_device * 4 / gib) and semi.runtime_gb == 0
+    data = planner.step_estimate(load_config(b16, ["parallel.device_target=Ascend"]), 8)
+    assert data.gradient_gb == pytest.approx(params * 4 / gib) and data.optimizer_gb == plain.optimizer_gb
 
 
 def _strategy_and_slices(run_dir, net, mp):
