@@ -119,7 +119,7 @@ def test_the_device_checks_wait_for_auto_to_be_resolved():
     with pytest.raises(ConfigError, match=r"precision\.dtype bfloat16 has no CPU kernels"):
         validate(cfg)
     cfg.precision.dtype = "float16"
-    with pytest.raises(ConfigError, match=r"parallel\.mode semi_auto needs parallel\.device_target Ascend or GPU"):
+    with pytest.raises(ConfigError, match=r"parallel\.mode semi_auto needs parallel\.device_target Ascend:"):
         validate(cfg)
 
 

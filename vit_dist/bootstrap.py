@@ -324,4 +324,6 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
     if data_parallel:
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                      device_num=placement.world_size)
+        if device_target != "CPU":  # per-parameter gradients (Backend.flat_optimizer): fused in 64 MB buckets
+            ms.set_auto_parallel_context(comm_fusion={"allreduce": {"mode": "auto", "config": None}})
     return placement

@@ -36,8 +36,9 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 PARALLEL_MODES = ("data", "semi_auto")
 # semi_auto: the classifier replicated (data) or its classes split over the model-parallel ranks (model).
 HEAD_LAYOUTS = ("data", "model")
-# MindSpore 2.10 refuses semi_auto_parallel on the CPU backend ("Invalid communication backend").
-SEMI_AUTO_TARGETS = ("Ascend", "GPU")
+# MindSpore 2.10 documents AutoParallel and GradAccumulation for Ascend only, and refuses
+# semi_auto_parallel on the CPU backend ("Invalid communication backend").
+SEMI_AUTO_TARGETS = ("Ascend",)
 
 
 @dataclass
@@ -123,7 +124,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "data"  # data | semi_auto (operator-level model parallel: Ascend/GPU only)
+    mode: str = "data"  # data | semi_auto (operator-level model parallel: Ascend only)
     model_parallel: int = 1  # mp: ranks each layer is split over (semi_auto); data-parallel degree dp = world / mp
     optimizer_shard: bool = False  # semi_auto: optimizer state and update sharded over the dp ranks
     grad_accumulation: int = 1  # micro-batches of train.batch_size per update; global batch = batch_size * dp * this
@@ -409,12 +410,15 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.optimizer_shard slices gradients in ways known only when MindSpore compiles, so "
                           "their global norm cannot be formed for clipping; set train.grad_clip_norm=0 with it, or "
                           "parallel.optimizer_shard=false")
+    if cfg.train.compile_cache is not None:
+        raise ConfigError("train.compile_cache is not for parallel.mode=semi_auto: a cached graph skips writing the "
+                          "strategy file the checkpoint merge needs; set train.compile_cache=null")
     if cfg.train.resume is not None:
         raise ConfigError("train.resume is not built for parallel.mode=semi_auto (its slices load only into a "
                           "compiled parallel graph); start without train.resume")
     if p.device_target not in (*SEMI_AUTO_TARGETS, AUTO_DEVICE):
-        raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend or GPU: MindSpore 2.10 "
-                          f"refuses semi-auto-parallel on {p.device_target}; use parallel.mode=data there")
+        raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend: MindSpore 2.10 supports "
+                          f"semi-auto-parallel there only, not on {p.device_target}; use parallel.mode=data there")
     # embed_dim = num_heads * head_dim, so heads divisible by mp makes the hidden size divisible too.
     for key, size in [("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim)]:
         if size % p.model_parallel:
