@@ -408,6 +408,7 @@ def test_exported_weights_give_our_logits_in_transformers_and_timm(exported, act
     """Each library loads the folder by its own documented call and gives vit-dist's logits."""
     import timm
     from safetensors.torch import load_file
+    from timm.data import resolve_data_config
 
     folder = exported[act]
     x = images(32, seed=5)
@@ -424,8 +425,10 @@ def test_exported_weights_give_our_logits_in_transformers_and_timm(exported, act
     by_name.load_state_dict(load_file(str(folder / "out_timm" / "model.safetensors")), strict=True)
     assert close(torch_logits(by_name, x), ours)
     overlay = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=dict(
-        file=str(folder / "out_timm" / "model.safetensors"), num_classes=5), **config["model_args"]).eval()
+        config["pretrained_cfg"], file=str(folder / "out_timm" / "model.safetensors")), **config["model_args"]).eval()
     assert close(torch_logits(overlay, x), ours)
+    same = [json.dumps(resolve_data_config({}, model=m), sort_keys=True) for m in (overlay, by_folder)]
+    assert same[0] == same[1]  # the overlay carries the preprocessing too (input_size a list there, a tuple here)
 
 
 @pytest.mark.parametrize("target", ["hf", "timm"])

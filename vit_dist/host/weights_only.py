@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from vit_dist import __version__
-from vit_dist.host.atomic import atomic_path
+from vit_dist.host.atomic import write_atomic
 from vit_dist.host.checkpoint_files import EMA_PREFIX, require_ema
 from vit_dist.host.config import INTERPOLATIONS, Config
 from vit_dist.host.errors import CheckpointError
@@ -134,17 +134,17 @@ def model_tensors(path: Path, spec: ViTSpec, ema: bool = False) -> dict[str, np.
 
 
 def write_weights(path: Path, tensors: dict[str, np.ndarray], card: WeightsCard) -> Path:
-    """Writes the tensors with the card's metadata through host.atomic."""
-    from safetensors.numpy import save_file
+    """Writes the tensors with the card's metadata through host.atomic. Serialised in memory first:
+    safetensors' own file writer drops the error of a write that fills the disk."""
+    from safetensors.numpy import save
 
+    data = save({n: np.ascontiguousarray(v) for n, v in tensors.items()}, metadata=card.metadata())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()}, str(tmp),
-                      metadata=card.metadata())
+        write_atomic(path, data, durable=True)
     except OSError as err:
-        raise CheckpointError(f"cannot write {path} ({err.strerror}); free disk space or choose a writable "
-                              "place") from None
+        raise CheckpointError(f"cannot write {path} ({err.strerror}); free disk space or set train.output_dir "
+                              "elsewhere, then resume with train.resume=auto: the checkpoints are intact") from None
     return path
 
 

@@ -149,12 +149,15 @@ def timm_files(card: WeightsCard, tensors: dict[str, np.ndarray]) -> dict:
 
 
 def _write(folder: Path, files: dict) -> None:
-    from safetensors.numpy import save_file
+    """The files into the fresh folder (atomic_folder's), each created exclusively. The weights are
+    serialised in memory: safetensors' own file writer drops the error of a write that fills the disk."""
+    from safetensors.numpy import save
 
     for name, content in files.items():
         if name == WEIGHTS_FILE:  # "format": "pt" is what transformers requires of a safetensors file
-            save_file({n: np.ascontiguousarray(v) for n, v in content.items()}, str(folder / name),
-                      metadata={"format": "pt", "converted_by": f"vit-dist {__version__}"})
+            data = save({n: np.ascontiguousarray(v) for n, v in content.items()},
+                        metadata={"format": "pt", "converted_by": f"vit-dist {__version__}"})
         else:
-            with open(folder / name, "x") as f:
-                f.write(json.dumps(content, indent=2) + "\n")
+            data = (json.dumps(content, indent=2) + "\n").encode()
+        with open(folder / name, "xb") as f:
+            f.write(data)
