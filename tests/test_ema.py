@@ -134,6 +134,20 @@ def test_keep_best_takes_the_higher_of_the_model_and_its_ema_and_keeps_those_wei
     assert (read_card(weights_path(tmp_path, "last")).weights, read_card(weights_path(tmp_path, "last")).step) == \
            ("model", 3)
 
+    # export-weights of the run directory: its weights/best (the model's now), or with --ema the EMA
+    # of its best full checkpoint (which needs the run's config.yaml), the head as transformers' classifier.
+    from vit_dist.cli import main
+    from vit_dist.host.config import dump_yaml
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(None, TINY)))
+    for flags, want in (([], model), (["--ema"], ema)):
+        out = tmp_path / f"hf{len(flags)}"
+        assert main(["export-weights", str(tmp_path), "--to", "hf", "--out", str(out), *flags]) == 0
+        exported = load_params(out / "model.safetensors")
+        assert np.array_equal(exported["classifier.weight"], want["head.weight"])
+        assert np.array_equal(exported["vit.encoder.layer.0.attention.attention.key.bias"],
+                              want["blocks.0.attn.key.bias"])
+
 
 @pytest.mark.parametrize("command", ["eval", "infer", "export"])
 def test_ema_on_a_checkpoint_without_one_is_one_line_before_anything_starts(tiny_data, tmp_path, capsys, command):
