@@ -40,6 +40,9 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg), heartbeat,
                                 WeightsCard.of(cfg, num_classes, sorted(scan.classes, key=scan.classes.get)))
     start = checkpointer.restore(cfg.train.resume, record.say)
+    if dims.semi_auto:
+        record.say("note: no weights-only RUN_DIR/weights/ under semi_auto (each rank saves slices); vit-dist "
+                   "export-weights takes the merged checkpoint the run ends with")
     logger = IntervalLogger(record, run, placement, cfg.train.log_interval, total, rates, start.skipped_steps)
     evaluator = Evaluator(cfg.train.eval_every_epochs, run, pipeline.eval_dataset(
         cfg, scan.val, scan.classes, placement.rank, placement.world_size, cfg.train.eval_batch),
