@@ -359,6 +359,14 @@ def cmd_import_weights(args) -> int:
     return 0
 
 
+def cmd_export_weights(args) -> int:
+    from vit_dist.tools.export_weights import export_weights
+
+    out, card = export_weights(args.src, args.to, args.out, args.last, args.ema, args.train_config)
+    print(f"{card.describe()}; wrote {out} for {'transformers' if args.to == 'hf' else 'timm'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-dist", description="Distributed ViT training with MindSpore")
     parser.add_argument("--version", action="version", version=f"vit-dist {__version__}")
@@ -457,6 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides for the --config-out file, e.g. --set data.root=data/x parallel.device_target=CPU")
     p.set_defaults(func=cmd_import_weights)
+    p = sub.add_parser("export-weights", help="write a run's weights as a folder transformers "
+                                              "(ViTForImageClassification.from_pretrained) or timm "
+                                              "(create_model('local-dir:OUT', pretrained=True)) loads")
+    p.add_argument("src", help="a run directory (its weights/best.safetensors), a weights-only file, or a full "
+                               "checkpoint (with --config, unless it sits in RUN_DIR/checkpoints)")
+    p.add_argument("--to", required=True, choices=("hf", "timm"))
+    p.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    p.add_argument("--last", action="store_true", help="a run directory's last weights instead of its best")
+    add_ema_option(p)
+    # dest: `config` is the positional CONFIG other subcommands must have (parse_args checks it)
+    p.add_argument("--config", dest="train_config", metavar="CONFIG",
+                   help="the config a checkpoint without metadata was trained with")
+    p.set_defaults(func=cmd_export_weights)
     p = sub.add_parser("rank-table", help="generate, merge or validate HCCL rank tables", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="vit-dist rank-table --help lists them")
     p.set_defaults(func=cmd_rank_table)
