@@ -167,8 +167,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
+        source = str(path)  # as the user named it
         path = config_path(path)
-        source = str(path)
         try:
             text = Path(path).read_text()
         except OSError as err:
