@@ -20,6 +20,7 @@ from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
 from vit_dist.host.preflight import preflight, prepare_run_dir, resolve_run_dir
 from vit_dist.host.private import private_folder
+from vit_dist.host.progress import Progress
 from vit_dist.host.run_record import CLASSES_FILE, CONFIG_FILE, RunRecord, remove_unstarted_run_dir
 from vit_dist.host.shipped_configs import config_path, describe, shipped
 
@@ -357,14 +358,19 @@ def cmd_import_weights(args) -> int:
                           "with mindspore.load_checkpoint(path, format='safetensors'))")
     if (args.base or args.set) and not args.config_out:
         raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
-    imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads, image_size=args.image_size,
-                                      num_classes=args.num_classes, drop_head=args.drop_head, seed=args.seed)
-    if args.config_out:  # built and validated before anything is written
-        cfg = load_config(args.base, args.set)
-        weights.apply_to_config(cfg, imported, Path(args.out))
-        validate(cfg)
-        text = dump_yaml(cfg)
-    out = weights.save_imported(imported, args.out, args.source)
+    # Steps (read and convert, write): each is one library call on the whole file.
+    with Progress(2, f"importing {args.src}", "steps") as progress:
+        imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads,
+                                          image_size=args.image_size, num_classes=args.num_classes,
+                                          drop_head=args.drop_head, seed=args.seed)
+        progress.advance()
+        if args.config_out:  # built and validated before anything is written
+            cfg = load_config(args.base, args.set)
+            weights.apply_to_config(cfg, imported, Path(args.out))
+            validate(cfg)
+            text = dump_yaml(cfg)
+        out = weights.save_imported(imported, args.out, args.source)
+        progress.advance()
     weights.report(imported, lambda line: print(line, file=sys.stderr))
     print(f"{weights.describe(imported)}; wrote {len(imported.params)} tensors to {out}")
     if imported.classes:  # where infer looks first
