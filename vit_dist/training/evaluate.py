@@ -28,8 +28,9 @@ def evaluate(net, dataset, batch_size: int, placement: Placement, num_images: in
 
     net.set_train(False)
     counts = np.zeros(3)  # top-1 hits, top-5 hits, images
-    progress = Progress(dataset.get_dataset_size(), "evaluating", "batches", show_progress and placement.is_main)
-    batches = progress.iterate(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
+    if show_progress and placement.is_main:
+        batches = Progress(dataset.get_dataset_size(), "evaluating", "batches").iterate(batches)
     for batch_index, (images, labels) in enumerate(batches):
         count = len(labels)
         # A short last batch is padded to the compiled shape rather than compiling a second graph.
