@@ -55,9 +55,15 @@ def test_config_show_prints_the_file_and_with_set_the_resolved_config(tmp_path):
     assert "precision" not in demo and shown["precision"] == dataclasses.asdict(PrecisionConfig())  # the defaults
 
 
-def test_a_file_that_exists_wins_over_a_shipped_name(tmp_path):
+def test_a_file_that_exists_wins_over_a_shipped_name_and_a_folder_does_not(tmp_path):
     (tmp_path / "demo").write_text("model:\n  depth: 2\n")
     assert ok(vit_dist_in(tmp_path, "config", "show", "demo")).stdout == "model:\n  depth: 2\n"
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "vit_b16_imagenet").mkdir()  # a folder is no config: the shipped one of its name is meant
+    shown = ok(vit_dist_in(tmp_path, "config", "show", "vit_b16_imagenet")).stdout
+    assert shown == NAMES["vit_b16_imagenet"].read_text()
+    other = vit_dist_in(tmp_path, "train", "bench")  # a folder that is no shipped name: what is wrong with it
+    assert other.returncode == 2 and other.stderr.startswith("error: cannot read config bench: Is a directory")
 
 
 def test_a_name_goes_where_a_path_goes(tmp_path):

@@ -33,14 +33,18 @@ def describe(path: Path) -> str:
 
 def config_path(given: str | Path) -> Path:
     """The config file `given` names: a file that exists wins; otherwise the shipped config of that
-    name (`demo` or `demo.yaml`); otherwise a ConfigError naming the closest shipped name."""
+    name (`demo` or `demo.yaml`), even beside a folder of that name (data/ folders are often called
+    so); otherwise `given` if it exists (load_config says what is wrong with it); otherwise a
+    ConfigError naming the closest shipped name."""
     path = Path(given)
-    if path.exists():
+    if path.is_file():
         return path
     name = str(given)[:-len(SUFFIX)] if str(given).endswith(SUFFIX) else str(given)
     configs = shipped()
     if name in configs:
         return configs[name]
+    if path.exists():
+        return path
     hint = did_you_mean(name, configs) or did_you_mean(Path(name).name, configs)
     raise ConfigError(f"cannot read config {given}: no such file, nor a shipped config of that name{hint}; "
                       "pass a YAML file or a name from `vit-dist config list`")
