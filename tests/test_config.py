@@ -7,7 +7,7 @@ import yaml
 from vit_dist.host.config import (ConfigError, config_digest, dump_yaml, load_config, scaled_lr, validate,
                                      with_scaled_lr)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "vit_dist" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda path: path.name)

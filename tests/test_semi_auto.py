@@ -266,8 +266,8 @@ def test_planner_parameters_match_the_real_model(overrides):
     cfg, net = tiny_net(*overrides)
     assert planner.count_parameters(planner.model_of(cfg)) == count_parameters(net)
     # ViT-B/16, the reference count (test_model checks the real model gives it too).
-    assert planner.count_parameters(planner.model_of(load_config(ROOT / "configs" / "vit_b16_imagenet.yaml"))) \
-        == 86_567_656
+    b16 = load_config(ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml")
+    assert planner.count_parameters(planner.model_of(b16)) == 86_567_656
 
 
 def test_planner_activations_match_the_tensors_the_model_produces():
@@ -316,7 +316,7 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
     overrides = SEMI + ["model.embed_dim=1664", "model.depth=48", "model.num_heads=16", "model.mlp_dim=8192",
                         "model.patch_size=14", "train.batch_size=32", "parallel.optimizer_shard=true",
                         "train.grad_clip_norm=0", "precision.amp_level=O2", "parallel.model_parallel=8"]
-    cfg = load_config(ROOT / "configs" / "vit_b16_imagenet.yaml", overrides)
+    cfg = load_config(ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml", overrides)
     result = planner.plan(cfg, 64, None, 24.0)
     by_mp = {e["mp"]: e for e in result["by_mp"]}
     assert not by_mp[1]["fits"] and by_mp[2]["fits"] and result["recommended_mp"] == 2
@@ -330,8 +330,9 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
     o2 = {(e["optimizer_shard"], e["grad_accumulation"]): e for e in result["layouts"] if e["amp_level"] == "O2"}
     assert o2[(True, 1)]["optimizer_gb"] == pytest.approx(o2[(False, 1)]["optimizer_gb"] / o2[(True, 1)]["dp"])
     assert o2[(False, 4)]["activation_gb"] == pytest.approx(o2[(False, 1)]["activation_gb"] / 4)
-    out = run([PYTHON, "-m", "vit_dist", "plan", str(ROOT / "configs" / "vit_b16_imagenet.yaml"), "--world", "64",
-               "--device-memory-gb", "24", "--json", "--set", *overrides], timeout=60)
+    b16 = ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml"
+    out = run([PYTHON, "-m", "vit_dist", "plan", str(b16), "--world", "64", "--device-memory-gb", "24", "--json",
+               "--set", *overrides], timeout=60)
     assert out.returncode == 0 and json.loads(out.stdout) == json.loads(json.dumps(result))
     with pytest.raises(ConfigError, match=r"--mp 3 does not divide world 64, num_heads 16"):
         planner.plan(cfg, 64, 3, 24.0)
@@ -339,7 +340,7 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
 
 def test_the_plan_counts_recompute_the_optimizers_buffers_and_the_cpu_runtime():
     """ViT-B/16 at batch 4, float32, one CPU rank (data mode), as vit-dist bench plans it."""
-    b16 = ROOT / "configs" / "vit_b16_imagenet.yaml"
+    b16 = ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml"
     cpu = ["parallel.device_target=CPU", "precision.amp_level=O0", "precision.loss_scale=none", "train.batch_size=4"]
     plain = planner.step_estimate(load_config(b16, cpu), 1)
     recomputed = planner.step_estimate(load_config(b16, cpu + ["train.recompute=true"]), 1)

@@ -7,7 +7,6 @@ This module must not import MindSpore: the launchers call it in a pre-flight ste
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -20,8 +19,9 @@ from typing import Any, Optional
 
 import yaml
 
-from vit_dist.host.errors import ConfigError
+from vit_dist.host.errors import ConfigError, did_you_mean
 from vit_dist.host.rand_augment import parse_rand_augment
+from vit_dist.host.shipped_configs import config_path
 from vit_dist.models.spec import VIT_VARIANTS
 
 # parallel.device_target auto: the first of these that MindSpore can load (bootstrap.resolve_device_target).
@@ -163,12 +163,13 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Reads a YAML file (or the defaults when path is None), applies `key=value` overrides,
-    fills variant widths and validates."""
+    """Reads a YAML file or shipped config (shipped_configs.config_path; the defaults when path is
+    None), applies `key=value` overrides, fills variant widths and validates."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        source = str(path)
+        source = str(path)  # as the user named it
+        path = config_path(path)
         try:
             text = Path(path).read_text()
         except OSError as err:
@@ -229,10 +230,7 @@ def _build(cls, raw: Any, prefix: str, source: str):
 
 
 def _suggest(key: str, fields: dict, prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    return f"; valid keys: {', '.join(prefix + f for f in fields)}"
+    return did_you_mean(key, fields, prefix) or f"; valid keys: {', '.join(prefix + f for f in fields)}"
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:

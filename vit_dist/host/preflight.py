@@ -54,7 +54,7 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool, c
     run_dir = resolve_run_dir(cfg)
     if is_main and training and cfg.train.resume is None:
         refuse_used_run_dir(run_dir)
-    scan = datascan.scan_and_check(cfg.data, cache, read_data_check(run_dir) if reuse_record else None)
+    scan = datascan.scan_and_check(cfg.data, cache, read_data_check(run_dir) if reuse_record else None, is_main)
     bad = scan.bad_files()
     if bad and cfg.data.on_bad_image == "error":
         raise DataError(f"{len(bad)} image file(s) the decoder would fail on, the first {bad[0]}; remove them "
