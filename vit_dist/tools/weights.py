@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit_dist.host.atomic import atomic_path
+from vit_dist.host.atomic import write_atomic
 from vit_dist.host.errors import CheckpointError
 from vit_dist.models.spec import VIT_VARIANTS, standard_heads
 from vit_dist.tools import source_preprocessing
@@ -454,15 +454,16 @@ def _new_head(imported: Imported, num_classes: int, seed: int) -> None:
 
 def save_imported(imported: Imported, out: str | Path, source: str) -> Path:
     """Writes the parameters as safetensors (what checkpoint.load_weights and model.pretrained read),
-    via a temporary file and a rename."""
-    from safetensors.numpy import save_file
+    via a temporary file and a rename. Serialised in memory and written by Python, so that a full disk
+    raises (host.weights_only does the same)."""
+    from safetensors.numpy import save
 
     out = Path(out)
+    data = save({k: np.ascontiguousarray(v) for k, v in imported.params.items()},
+                metadata={"format": "pt", "converted_from": source})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in imported.params.items()}, str(tmp),
-                      metadata={"format": "pt", "converted_from": source})
+        write_atomic(out, data, durable=True)
     except OSError as err:
         raise CheckpointError(f"cannot write {out}: {err.strerror}; choose a writable path") from None
     return out
