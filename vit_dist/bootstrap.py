@@ -317,7 +317,7 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
         ms.device_context.cpu.op_tuning.threads_num(cpu_threads(threads_per_rank, placement.local_world_size))
     else:
         ms.set_device(device_target, placement.local_rank)
-    if not placement.distributed:
+    if not placement.distributed and placement.launcher != "msrun":  # msrun's scheduler waits for its one worker too
         return placement
     init()
     placement = replace(placement, rank=get_rank(), world_size=get_group_size())
