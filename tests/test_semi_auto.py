@@ -3,11 +3,12 @@ figures against the real model, and the merge of per-rank slices with MindSpore'
 (Semi-auto training itself needs Ascend/GPU: MindSpore 2.10 refuses it on the CPU backend.)"""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import PYTHON, ROOT, run, tiny_config, tool_env, vit_model
+from conftest import PYTHON, ROOT, ok, run, tiny_config, tool_env, vit_dist, vit_model
 from vit_dist.host.checkpoint_files import sha256 as _sha256
 from vit_dist.host.errors import CheckpointError
 from vit_dist.host.config import ConfigError, load_config
@@ -452,3 +453,35 @@ def test_merge_checkpoint_errors(tmp_path, layout, message):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     with pytest.raises(CheckpointError, match=message):
         merge(tmp_path)
+
+
+def test_plan_compile_runs_mindspores_dry_run_of_the_train_step(tmp_path):
+    """One rank: MindSpore's DryRun (msrun --sim_level 1) compiles and runs the step with the devices
+    mocked (the CPU gives no device-memory figure). Several ranks: MindSpore runs a distributed DryRun on
+    Ascend only, so here one line before anything starts."""
+    tiny = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "train.batch_size=4", "model.num_classes=10"]
+    result = vit_dist("plan", "bench/vit_32px", "--world", "1", "--compile", "--json", "--set", *tiny)
+    dry_run = json.loads(ok(result).stdout.strip().splitlines()[-1])["dry_run"]
+    assert dry_run["compiled"] and (dry_run["rank"], dry_run["world"], dry_run["peak_memory_mib"]) == (0, 1, None)
+    assert "steps of batch 4" in (Path(dry_run["log"])).read_text(errors="replace")  # bench's own summary
+    refused = vit_dist("plan", "bench/vit_32px", "--world", "8", "--compile", "--set", *tiny)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: plan --compile --world 8 runs MindSpore's DryRun, which compiles a job of several ranks for Ascend "
+        "only, and this MindSpore cannot load Ascend; run it where MindSpore's Ascend build and CANN are installed "
+        "(no cards needed), or leave out --compile"]
+
+
+def test_a_dry_run_worker_is_the_rank_msrun_simulates(tmp_path):
+    """msrun --sim_level 1 --sim_rank_id 3 --worker_num 8 starts one process; the bootstrap places it as
+    rank 3 of 8 (MindSpore compiles it so), not as an msrun rank or a single device."""
+    script = tmp_path / "placement.py"
+    script.write_text("import os\nfrom vit_dist.bootstrap import detect_placement\n"
+                      "p = detect_placement(os.environ)\nprint('placement', p.launcher, p.rank, p.world_size)\n")
+    from vit_dist.bootstrap import dry_run_env
+
+    result = run([PYTHON, "-m", "mindspore.parallel.cluster.run", "--worker_num", "8", "--local_worker_num", "1",
+                  "--sim_level", "1", "--sim_rank_id", "3", "--join", "True", "--log_dir", str(tmp_path / "logs"),
+                  str(script)], timeout=120, cwd=tmp_path,
+                 env=dry_run_env(tool_env(PYTHONPATH=str(ROOT)), device_memory=False))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "placement dryrun 3 8" in (tmp_path / "logs" / "worker_0.log").read_text()

@@ -40,6 +40,9 @@ NODE_RANK = "VIT_DIST_NODE_RANK"
 LAUNCH_JOB = "VIT_DIST_JOB"
 # Seconds MindSpore's scheduler waits on a silent worker (launch/*.sh --failure-timeout; MindSpore's default is 30).
 NODE_TIMEOUT = "MS_NODE_TIMEOUT"
+# Set by MindSpore's msrun --sim_level (DryRun): this one process compiles as rank RANK_ID of RANK_SIZE,
+# the devices mocked.
+SIMULATION_LEVEL = "MS_SIMULATION_LEVEL"
 # What OpenMPI gives each process it starts; the scheduler is none of them.
 MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 # Either names the HCCL rank table of a rank-table start (MindSpore reads both; launch/rank_table.sh sets both).
@@ -94,6 +97,9 @@ def detect_placement(env: Mapping[str, str]) -> Placement:
 
 
 def _placement(env: Mapping[str, str]) -> Placement:
+    if env.get(SIMULATION_LEVEL):  # before msrun's: a DryRun worker has msrun's MS_WORKER_NUM but no MS_ROLE
+        return Placement(launcher="dryrun", rank=_env_int(env, "RANK_ID"), world_size=_env_int(env, "RANK_SIZE"),
+                         local_rank=0, local_world_size=1)
     if env.get("MS_ROLE") == "MS_WORKER":  # msrun (or any MindSpore dynamic-cluster bootstrap)
         world = int(env["MS_WORKER_NUM"])
         local_rank = int(env.get("DEVICE_ID", "0"))
@@ -256,6 +262,19 @@ def resolve_device_target(requested: str, placement: Placement) -> str:
                           f"{', '.join(available)}); set parallel.device_target={', '.join(choices[:-1])} or "
                           f"{choices[-1]}, or {DEVICE_NEEDS[requested]}")
     return requested
+
+
+def dry_run_env(env: Mapping[str, str], device_memory: bool) -> dict[str, str]:
+    """The environment of MindSpore's DryRun launcher (tools.dry_run): this Python's folder first on PATH
+    (msrun starts `python`), no other launcher's variables, and with device_memory MindSpore's INFO log,
+    where its DryRun reports the simulated peak device memory."""
+    foreign = ("MS_ROLE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM", "MS_NODE_ID", SIMULATION_LEVEL,
+               *RANK_TABLE_VARS, "RANK_ID", "RANK_SIZE", NODE_RANK, MASTER_ADDR, SCHEDULER_PARENT, LAUNCH_JOB)
+    clean = {k: v for k, v in env.items() if k not in foreign and not k.startswith(MPI_ENV_PREFIXES)}
+    clean["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), clean.get("PATH", "")])
+    if device_memory:
+        clean["GLOG_v"] = "1"
+    return clean
 
 
 def available_devices() -> list[str]:

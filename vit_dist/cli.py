@@ -288,8 +288,26 @@ def cmd_plan(args) -> int:
     if args.world < 1 or args.device_memory_gb <= 0:
         raise ConfigError("--world must be at least 1 and --device-memory-gb above 0")
     result = plan(cfg, args.world, args.mp, args.device_memory_gb)
-    print(json.dumps(result) if args.json else format_plan(result))
-    return 0
+    if not args.compile:
+        print(json.dumps(result) if args.json else format_plan(result))
+        return 0
+    from vit_dist.host.planner import step_estimate
+    from vit_dist.tools.dry_run import format_dry_run, simulate
+
+    # The fused CPU kernels' step signal waits for kernels that a DryRun never runs.
+    overrides = [*args.set, "parallel.fused_cpu_kernels=false"]
+    if args.world > 1:  # MindSpore 2.10 refuses a distributed DryRun on the CPU
+        if "Ascend" not in bootstrap.available_devices():
+            raise ConfigError(f"plan --compile --world {args.world} runs MindSpore's DryRun, which compiles a job of "
+                              "several ranks for Ascend only, and this MindSpore cannot load Ascend; run it where "
+                              "MindSpore's Ascend build and CANN are installed (no cards needed), or leave out --compile")
+        overrides.append("parallel.device_target=Ascend")
+    planned = step_estimate(cfg, args.world).total_gb
+    dry_run = simulate(str(args.config), overrides, args.world, args.rank,
+                       bootstrap.dry_run_env(os.environ, device_memory=args.world > 1))
+    print(json.dumps({**result, "dry_run": dry_run}) if args.json else
+          f"{format_plan(result)}\n{format_dry_run(dry_run, planned)}")
+    return 0 if dry_run["compiled"] else 1
 
 
 def cmd_merge_checkpoint(args) -> int:
@@ -455,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mp", type=int, help="model-parallel degree to detail (default: the recommended one)")
     p.add_argument("--device-memory-gb", type=float, default=64.0, help="memory budget per device, GiB")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also compile the train step as one rank of --world would, with MindSpore's DryRun (devices "
+                        "mocked; several ranks need MindSpore's Ascend build and CANN, not the cards)")
+    p.add_argument("--rank", type=int, default=0, help="with --compile: the rank to compile as (default 0)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("merge-checkpoint", help="merge a semi_auto run's per-rank slices into one checkpoint")
     p.add_argument("run_dir")

@@ -10,7 +10,7 @@ from vit_dist.host.errors import ConfigError
 
 @dataclass(frozen=True)
 class Placement:
-    launcher: str  # single | msrun | mpirun | rank_table
+    launcher: str  # single | msrun | mpirun | rank_table | dryrun (MindSpore's DryRun: one process, devices mocked)
     rank: int
     world_size: int
     local_rank: int  # also the device id on Ascend/GPU
