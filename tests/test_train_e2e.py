@@ -62,7 +62,8 @@ def test_run_directory_holds_config_metrics_checkpoints_eval_and_every_rank_log(
     # Rank 0 alone writes checkpoints and metrics; the launcher streams rank 0's lines, stamped in UTC.
     assert "step 6/6" in dp_runs["launched"].stdout and "world size      2" in dp_runs["launched"].stdout
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 6/6 epoch ", dp_runs["launched"].stdout, re.M)
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d eval epoch 2 top1 ", (run / "logs" / "worker_0.log").read_text(), re.M)
+    worker_log = (run / "logs" / "worker_0.log").read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d eval epoch 2 top1 ", worker_log, re.M)
 
 
 def test_each_log_holds_the_fastest_and_slowest_ranks_step_time(dp_runs):

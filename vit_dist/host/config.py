@@ -115,7 +115,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # >0: an exponential moving average of the weights, ema = decay*ema + (1-decay)*weights
     layer_decay: float = 1.0  # <1: layer-wise lr decay, lr * layer_decay ** (layers above the parameter's)
     lr_base_batch: int = 0  # >0: lr is for this global batch and is scaled linearly to the run's (DeiT: 512)
-    tensorboard: bool = False  # true: the metrics also as TensorBoard scalars in RUN_DIR/tensorboard (needs tensorboardX)
+    tensorboard: bool = False  # true: the metrics also as TensorBoard scalars in RUN_DIR/tensorboard (its extra)
     profile_steps: Optional[tuple[int, int]] = None  # [a, b]: MindSpore's profiler over steps a..b, RUN_DIR/profile
 
     @property
@@ -485,7 +485,7 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-# Keys that name places, not the computation: they may differ between launches of the same graph.
+# Keys that name places or what is recorded, not the computation: they may differ between launches of the same graph.
 NOT_IN_GRAPH = ("output_dir", "resume", "compile_cache", "tensorboard", "profile_steps")
 
 
