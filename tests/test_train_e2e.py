@@ -17,12 +17,14 @@ EXACT = {"data": {"augment": False, "shuffle": False}, "train": {"eval_batch_siz
 
 @pytest.fixture(scope="module")
 def dp_runs(tiny_data, tmp_path_factory):
-    """The same 6 steps on the same samples: 2 ranks x batch 8 under msrun, 1 device x batch 16."""
+    """The same 6 steps on the same samples: 2 ranks x batch 8 under msrun (which also profiles steps 5-6
+    and writes TensorBoard events: neither changes what is computed), 1 device x batch 16."""
     tmp = tmp_path_factory.mktemp("dp")
     config = tiny_config(tmp / "exact.yaml", tiny_data, **EXACT)
     two = tmp / "two_ranks"
     one = tmp / "one_device"
-    launched = ok(msrun("--ranks-per-node", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}"))
+    launched = ok(msrun("--ranks-per-node", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}",
+                        "train.profile_steps=[5,6]", "train.tensorboard=true"))
     ok(vit_dist("train", str(config), "--set", "train.batch_size=16", f"train.output_dir={one}"))
     return {"config": config, "two": two, "one": one, "launched": launched}
 
@@ -78,6 +80,20 @@ def test_each_log_holds_the_fastest_and_slowest_ranks_step_time(dp_runs):
             assert r["slowest_rank"] in range(world)
             if world == 1:
                 assert r["step_time_fastest_s"] == r["step_time_slowest_s"]
+
+
+def test_every_rank_profiles_its_steps_and_rank_0_alone_writes_tensorboard_events(dp_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = dp_runs["two"]
+    for rank in (0, 1):
+        (trace,) = (run / "profile" / f"rank_{rank}").rglob("trace_view.json")
+        assert any(e.get("ph") == "X" and "MatMul" in e["name"] for e in json.loads(trace.read_text())), rank
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/loss")] == [6]
 
 
 def test_eval_counts_every_val_image_once_on_two_ranks(dp_runs, tiny_data, tmp_path):
