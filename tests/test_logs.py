@@ -33,24 +33,25 @@ def resumed(tiny_data, tmp_path_factory):
     run = tmp / "run"
     first = ok(vit_dist("train", str(config), "--set", f"train.output_dir={run}"))
     traces = sorted((run / "profile" / "rank_0").rglob("trace_view.json"))
-    first_records = _records(run)
     again = ok(vit_dist("train", str(config), "--set", f"train.output_dir={run}",
                         f"train.resume={run / 'checkpoints' / 'step_00000002.safetensors'}"))
-    return {"run": run, "first": first, "again": again, "traces": traces, "first_records": first_records}
+    return {"run": run, "first": first, "again": again, "traces": traces}
 
 
 def test_tensorboard_holds_each_step_once_with_the_resumed_attempts_values(resumed):
     run = resumed["run"]
     assert len(list((run / "tensorboard").iterdir())) == 2  # an event file per attempt
-    latest = {}  # step -> the last record logged for it: the resumed attempt's from step 3 on
+    latest = {}  # (step, evaluation?) -> the last record logged for it: the resumed attempt's from step 3 on
     for record in _records(run):
         latest[(record["step"], "top1" in record)] = record
-    loss = _scalars(run, "train/loss")
-    assert [step for step, _ in loss] == [1, 2, 3, 4, 5, 6]
-    assert loss == [(step, pytest.approx(latest[(step, False)]["loss"], rel=1e-6)) for step in range(1, 7)]
-    for tag, key in [("train/lr", "lr"), ("train/images_per_sec", "images_per_sec"), ("train/data_wait", "data_wait"),
-                     ("train/step_time_slowest_s", "step_time_slowest_s")]:
-        assert _scalars(run, tag)[-1] == (6, pytest.approx(latest[(6, False)][key], rel=1e-6)), tag
+    for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("train/data_wait", "data_wait")]:
+        assert _scalars(run, tag) == [(step, pytest.approx(latest[(step, False)][key], rel=1e-6))
+                                      for step in range(1, 7)], tag
+    # Timings differ between attempts. Each attempt's first step (1; 3 after the resume) holds the graph
+    # compile and has none: step 3's from the first attempt is gone with the rest it logged after step 2.
+    for tag, key in [("train/images_per_sec", "images_per_sec"), ("train/step_time_slowest_s", "step_time_slowest_s")]:
+        assert _scalars(run, tag) == [(step, pytest.approx(latest[(step, False)][key], rel=1e-6))
+                                      for step in (2, 4, 5, 6)], tag
     for tag, key in [("val/top1", "top1"), ("val/top5", "top5"), ("val/loss", "val_loss"),
                      ("val/ema_top1", "ema_top1"), ("val/ema_loss", "ema_val_loss")]:
         assert _scalars(run, tag) == [(6, pytest.approx(latest[(6, True)][key], rel=1e-6))], tag
