@@ -55,7 +55,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (key, title) in zip(axes[:, 0], panels):
         steps, values = series(records, key)
-        ax.plot(steps, values, marker="o" if key in ("top1", "ema_top1", "val_loss") or len(steps) < 30 else None, markersize=3)
+        evaluations = key in ("top1", "ema_top1", "val_loss")
+        ax.plot(steps, values, marker="o" if evaluations or len(steps) < 30 else None, markersize=3)
         ax.set_ylabel(title)
         if key in ("lr", "loss_scale") and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
