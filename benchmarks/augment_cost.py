@@ -35,7 +35,7 @@ from vit_dist.data import pipeline
 from vit_dist.host import datascan
 from vit_dist.host.config import load_config
 root, batches, *overrides = sys.argv[1:]
-cfg = load_config("configs/bench/vit_ti16_224.yaml", [f"data.root={root}", "train.batch_size=32",
+cfg = load_config("vit_dist/configs/bench/vit_ti16_224.yaml", [f"data.root={root}", "train.batch_size=32",
                                                       "data.num_workers=2", *overrides])
 split, _, classes = datascan.scan_dataset(cfg.data)
 iterator = pipeline.train_dataset(cfg, split, classes, 0, 1, 32).create_tuple_iterator(num_epochs=100,

@@ -10,4 +10,4 @@ cd "$ROOT"
 if [[ ! -d data/digits/val ]]; then
     "$VENV/bin/vit-dist" demo-data data/digits
 fi
-PYTHON="$VENV/bin/python" exec bash "$ROOT/launch/msrun.sh" --ranks-per-node 2 train configs/demo.yaml "$@"
+PYTHON="$VENV/bin/python" exec bash "$ROOT/launch/msrun.sh" --ranks-per-node 2 train demo "$@"

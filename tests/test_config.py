@@ -7,7 +7,7 @@ import yaml
 from vit_dist.host.config import (ConfigError, config_digest, dump_yaml, load_config, scaled_lr, validate,
                                      with_scaled_lr)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "vit_dist" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda path: path.name)
@@ -122,7 +122,7 @@ def test_the_device_checks_wait_for_auto_to_be_resolved():
     with pytest.raises(ConfigError, match=r"precision\.dtype bfloat16 has no CPU kernels"):
         validate(cfg)
     cfg.precision.dtype = "float16"
-    with pytest.raises(ConfigError, match=r"parallel\.mode semi_auto needs parallel\.device_target Ascend or GPU"):
+    with pytest.raises(ConfigError, match=r"parallel\.mode semi_auto needs parallel\.device_target Ascend:"):
         validate(cfg)
 
 

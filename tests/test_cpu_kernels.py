@@ -113,6 +113,7 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
     from vit_dist.training.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
     from vit_dist.host.placement import Placement
+    from vit_dist.training.loss import train_loss
     from vit_dist.training.step import make_train_step
 
     steps_done = ctypes.CDLL(str(library)).vit_dist_steps_done
@@ -125,8 +126,8 @@ def test_a_paced_train_step_returns_once_it_has_run_and_a_silent_one_does_not_ha
         cfg = load_config(None, TINY)
         ms.set_seed(0)
         net = vit_model(cfg, 4)
-        step = make_train_step(net, build_optimizer(net, cfg.train, flat=True),
-                               gradient_reducer(Placement.single()), 0.1, cfg.train.grad_clip_norm,
+        step = make_train_step(net, build_optimizer(net, cfg.train, flat=True), train_loss(0.1, False),
+                               gradient_reducer(Placement.single()), cfg.train.grad_clip_norm,
                                signal=signal)
         run = []
         for _ in range(3):

@@ -33,13 +33,14 @@ def _values(params) -> dict:
     return {p.name: p.asnumpy().copy() for p in params}
 
 
-def _checkpointer(run, run_dir):
+def _checkpointer(run, run_dir, card=None):
     from vit_dist.host.heartbeat import Heartbeat
     from vit_dist.host.placement import Placement
     from vit_dist.training.components import Checkpointer
 
     config = load_config(None, TINY)
-    return Checkpointer(config.checkpoint, run_dir, run, Placement.single(), 6, "digest", Heartbeat(run_dir, 0, ""))
+    return Checkpointer(config.checkpoint, run_dir, run, Placement.single(), 6, "digest", Heartbeat(run_dir, 0, ""),
+                        card)
 
 
 def test_a_checkpoint_holds_the_ema_by_weight_name_and_resume_restores_it(tmp_path):
@@ -100,20 +101,52 @@ def test_a_checkpoint_without_ema_resumes_with_one_started_from_its_weights_and_
         np.testing.assert_array_equal(average.asnumpy(), saved[average.name.removeprefix("ema.")])
 
 
-def test_keep_best_takes_the_higher_of_the_model_and_its_ema(tmp_path):
+def test_keep_best_takes_the_higher_of_the_model_and_its_ema_and_keeps_those_weights_alone(tmp_path):
+    """The best checkpoint is the higher scorer's, and RUN_DIR/weights/best.safetensors holds exactly
+    the weights that scored it (the EMA's under the weights' names, or the model's), saying which;
+    weights/last.safetensors holds the model's of the last save."""
     from vit_dist.host.checkpoint_files import Progress, best_checkpoint, read_manifest
+    from vit_dist.host.weights_only import WeightsCard, read_card, weights_path
 
-    checkpointer = _checkpointer(_training(seed=1), tmp_path)
+    run = _training(seed=1)
+    for average in run.ema.average:  # an EMA unlike the weights, so a mix-up shows
+        average.set_data(average * 0.5 + 1.0)
+    model, ema = _values(run.net.trainable_params()), {p.name[len("ema."):]: p.asnumpy() for p in run.ema.average}
+    checkpointer = _checkpointer(run, tmp_path, WeightsCard.of(load_config(None, TINY), 3))
     evaluations = [{"top1": 0.5, "ema_top1": 0.6}, {"top1": 0.55, "ema_top1": 0.5}, {"top1": 0.7, "ema_top1": 0.7}]
     kept = []
     for step, evaluation in enumerate(evaluations, 1):
         checkpointer.save(Progress(step=step, epoch=step))
         checkpointer.at_epoch_end(Progress(step=step, epoch=step), evaluation)
         path, score = best_checkpoint(tmp_path)
-        kept.append((path.name, score, read_manifest(path)["best_weights"]))
-    assert kept == [("best_step_00000001.safetensors", 0.6, "ema"), ("best_step_00000001.safetensors", 0.6, "ema"),
-                    ("best_step_00000003.safetensors", 0.7, "model")]
+        best = weights_path(tmp_path, "best")
+        values = load_params(best)
+        card = read_card(best)
+        assert values.keys() == model.keys()
+        assert all(np.array_equal(values[n], (ema if card.weights == "ema" else model)[n]) for n in model)
+        kept.append((path.name, score, read_manifest(path)["best_weights"], card.weights, card.step))
+    assert kept == [("best_step_00000001.safetensors", 0.6, "ema", "ema", 1),
+                    ("best_step_00000001.safetensors", 0.6, "ema", "ema", 1),
+                    ("best_step_00000003.safetensors", 0.7, "model", "model", 3)]
     assert checkpointer.summary(None)["best_weights"] == "model"
+    last = load_params(weights_path(tmp_path, "last"))
+    assert all(np.array_equal(last[n], model[n]) for n in model)
+    assert (read_card(weights_path(tmp_path, "last")).weights, read_card(weights_path(tmp_path, "last")).step) == \
+           ("model", 3)
+
+    # export-weights of the run directory: its weights/best (the model's now), or with --ema the EMA
+    # of its best full checkpoint (which needs the run's config.yaml), the head as transformers' classifier.
+    from vit_dist.cli import main
+    from vit_dist.host.config import dump_yaml
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(None, TINY)))
+    for flags, want in (([], model), (["--ema"], ema)):
+        out = tmp_path / f"hf{len(flags)}"
+        assert main(["export-weights", str(tmp_path), "--to", "hf", "--out", str(out), *flags]) == 0
+        exported = load_params(out / "model.safetensors")
+        assert np.array_equal(exported["classifier.weight"], want["head.weight"])
+        assert np.array_equal(exported["vit.encoder.layer.0.attention.attention.key.bias"],
+                              want["blocks.0.attn.key.bias"])
 
 
 @pytest.mark.parametrize("command", ["eval", "infer", "export"])

@@ -11,7 +11,8 @@ from vit_dist.models.vit import count_parameters
 
 
 def test_vit_b16_has_the_reference_parameter_count():
-    result = json.loads(ok(vit_dist("info", str(ROOT / "configs" / "vit_b16_imagenet.yaml"), "--json")).stdout)
+    b16 = ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml"
+    result = json.loads(ok(vit_dist("info", str(b16), "--json")).stdout)
     assert result["params"] == 86_567_656
     # 17.56 GMACs per image, the figure the ViT and timm papers give for ViT-B/16 at 224 px.
     assert result["forward_gflops"] == pytest.approx(35.13, abs=0.01)

@@ -106,6 +106,7 @@ def test_flat_adamw_makes_the_per_parameter_update():
     from vit_dist.training.optim import build_optimizer
     from vit_dist.parallel.data_parallel import gradient_reducer
     from vit_dist.host.placement import Placement
+    from vit_dist.training.loss import train_loss
     from vit_dist.training.step import make_train_step
 
     cfg = load_config(None, SMALL + ["train.grad_clip_norm=1.0", "train.weight_decay=0.3", "train.layer_decay=0.5"])
@@ -118,7 +119,7 @@ def test_flat_adamw_makes_the_per_parameter_update():
         ms.set_seed(0)
         net = vit_model(cfg, 3)
         optimizer = build_optimizer(net, cfg.train, flat=flat)
-        step = make_train_step(net, optimizer, one_device, 0.0, cfg.train.grad_clip_norm)
+        step = make_train_step(net, optimizer, train_loss(0.0, False), one_device, cfg.train.grad_clip_norm)
         start = {p.name: p.asnumpy().copy() for p in net.trainable_params()}  # asnumpy() may share memory
         step(images, labels, ms.Tensor(1e-3, ms.float32))
         if flat:

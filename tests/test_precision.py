@@ -161,7 +161,7 @@ def test_float16_o2_training_on_the_demo_data_loses_at_most_three_points_to_floa
                             ("fp16", ["precision.amp_level=O2", "precision.dtype=float16",
                                       "precision.loss_scale=dynamic"])]:
         run = tmp_path / name
-        ok(vit_dist("train", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'digits'}", "model.depth=2",
+        ok(vit_dist("train", "vit_dist/configs/demo.yaml", "--set", f"data.root={tmp_path / 'digits'}", "model.depth=2",
                     "train.epochs=5", "train.warmup_epochs=0.5", "train.eval_every_epochs=0", "train.log_interval=50",
                     f"train.output_dir={run}", *precision, timeout=900))
         top1[name] = json.loads((run / "eval.json").read_text())["top1"]

@@ -294,6 +294,10 @@ def test_infer_names_classes_and_agrees_with_eval(finetuned, tmp_path):
         assert {t["class"] for t in p["topk"]} <= {"digit0", "digit1", "digit7"}
     top1 = np.mean([p["topk"][0]["class"] == p["image"].split("/")[-2] for p in predictions])
     assert top1 == pytest.approx(json.loads((finetuned["run"] / "eval.json").read_text())["top1"])
+    # The run's weights-only file predicts the same (its tensors are the model's of that checkpoint).
+    ok(vit_dist("infer", str(finetuned["config"]), "--ckpt", str(finetuned["run"] / "weights" / "last.safetensors"),
+                "--images", str(finetuned["data"] / "val"), "--topk", "2", "--out", str(tmp_path / "again.json")))
+    assert json.loads((tmp_path / "again.json").read_text()) == predictions
     write_predictions(predictions[:2], tmp_path / "preds.csv")  # --out x.csv: one row per image and rank
     rows = (tmp_path / "preds.csv").read_text().splitlines()
     top = predictions[1]["topk"][1]
@@ -305,8 +309,9 @@ def test_exported_mindir_loads_back_with_the_same_logits(finetuned, tmp_path):
     import mindspore as ms
     from mindspore import nn
 
-    ok(vit_dist("export", str(finetuned["config"]), "--ckpt", str(finetuned["ckpt"]), "--out",
-                str(tmp_path / "vit.mindir"), "--batch-size", "2"))
+    # From the run's weights-only file: the same weights as the full checkpoint it compares with.
+    ok(vit_dist("export", str(finetuned["config"]), "--ckpt", str(finetuned["run"] / "weights" / "last.safetensors"),
+                "--out", str(tmp_path / "vit.mindir"), "--batch-size", "2"))
     x = images(16, seed=3)
     exported = nn.GraphCell(ms.load(str(tmp_path / "vit.mindir")))(ms.Tensor(x)).asnumpy()
     assert np.abs(exported - our_logits(finetuned["config"], finetuned["ckpt"], x)).max() < 1e-5
@@ -366,3 +371,164 @@ def test_an_output_named_like_mindspores_own_format_is_refused(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith(f"error: {tmp_path / 'out.ckpt'}: import-weights writes safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random HF ViT (timm's LayerNorm epsilon, named classes) imported with its config, then
+    exported from that file and config --to hf and --to timm (exact and tanh GELU)."""
+    tmp = tmp_path_factory.mktemp("export")
+    result = {}
+    for act in ("gelu", "gelu_pytorch_tanh"):
+        folder = tmp / act
+        hf_vit(folder / "hf", layer_norm_eps=1e-6, hidden_act=act, id2label=dict(enumerate(CLASS_NAMES)))
+        import_weights(folder / "hf", folder / "vit.safetensors", "hf")
+        for target in ("hf", "timm"):
+            assert main(["export-weights", str(folder / "vit.safetensors"), "--config", str(folder / "vit.yaml"),
+                         "--to", target, "--out", str(folder / f"out_{target}")]) == 0
+        result[act] = folder
+    return result
+
+
+CLASS_NAMES = ["cat", "dog", "fox", "owl", "yak"]
+
+
+def torch_logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).logits.numpy() if hasattr(model, "config") else \
+            model(torch.from_numpy(x)).numpy()
+
+
+def close(got: np.ndarray, want: np.ndarray) -> bool:
+    """Within 1e-4 of the largest logit (float32 through different kernels)."""
+    return np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_exported_weights_give_our_logits_in_transformers_and_timm(exported, act):
+    """Each library loads the folder by its own documented call and gives vit-dist's logits."""
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import resolve_data_config
+
+    folder = exported[act]
+    x = images(32, seed=5)
+    ours = our_logits(folder / "vit.yaml", folder / "vit.safetensors", x)
+    hf = transformers.ViTForImageClassification.from_pretrained(folder / "out_hf").eval()
+    assert close(torch_logits(hf, x), ours)
+    assert [hf.config.id2label[i] for i in range(5)] == CLASS_NAMES
+    # timm: the folder as timm's own export, and the state dict into create_model(..., strict=True).
+    by_folder = timm.create_model(f"local-dir:{folder / 'out_timm'}", pretrained=True).eval()
+    assert close(torch_logits(by_folder, x), ours)
+    config = json.loads((folder / "out_timm" / "config.json").read_text())
+    assert config["label_names"] == CLASS_NAMES
+    by_name = timm.create_model(config["architecture"], **config["model_args"]).eval()
+    by_name.load_state_dict(load_file(str(folder / "out_timm" / "model.safetensors")), strict=True)
+    assert close(torch_logits(by_name, x), ours)
+    overlay = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=dict(
+        config["pretrained_cfg"], file=str(folder / "out_timm" / "model.safetensors")), **config["model_args"]).eval()
+    assert close(torch_logits(overlay, x), ours)
+    same = [json.dumps(resolve_data_config({}, model=m), sort_keys=True) for m in (overlay, by_folder)]
+    assert same[0] == same[1]  # the overlay carries the preprocessing too (input_size a list there, a tuple here)
+
+
+@pytest.mark.parametrize("target", ["hf", "timm"])
+def test_export_then_import_gives_the_same_tensors_and_preprocessing(exported, target, tmp_path):
+    folder = exported["gelu"]
+    src = folder / f"out_{target}" / ("model.safetensors" if target == "timm" else "")
+    import_weights(src, tmp_path / "back.safetensors", target)
+    before, after = load_params(folder / "vit.safetensors"), load_params(tmp_path / "back.safetensors")
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert data_section(tmp_path / "back.yaml") == data_section(folder / "vit.yaml")
+    back, source = (yaml.safe_load(p.read_text())["model"] for p in (tmp_path / "back.yaml", folder / "vit.yaml"))
+    assert {k: back[k] for k in ("embed_dim", "depth", "num_heads", "mlp_dim", "num_classes", "patch_size",
+                                 "layer_norm_eps", "gelu_approximate")} == \
+           {k: source[k] for k in ("embed_dim", "depth", "num_heads", "mlp_dim", "num_classes", "patch_size",
+                                   "layer_norm_eps", "gelu_approximate")}
+    assert json.loads((tmp_path / "classes.json").read_text()) == CLASS_NAMES
+
+
+def test_exported_preprocessing_gives_our_eval_pixels_in_transformers_and_timm(tmp_path):
+    """Bicubic resize to 224/0.9, center crop, ImageNet's statistics: the processor transformers'
+    AutoImageProcessor loads from the hf folder and timm's data config of the timm folder turn a
+    500x375 JPEG into vit-dist's eval tensor (transformers within one level of 255, as in the import
+    test above; timm to float rounding)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    from vit_dist.host.weights_only import WeightsCard, write_weights
+    from vit_dist.models.spec import parameter_shapes
+
+    cfg = load_config(None, ["model.variant=ti", "model.patch_size=32", "model.depth=1", "data.image_size=224",
+                             "data.interpolation=bicubic", "data.eval_crop_fraction=0.9"])
+    card = WeightsCard.of(cfg, 3)
+    rng = np.random.default_rng(0)
+    write_weights(tmp_path / "w.safetensors", {n: rng.standard_normal(s).astype(np.float32)
+                                               for n, s in parameter_shapes(card.spec).items()}, card)
+    for target in ("hf", "timm"):
+        assert main(["export-weights", str(tmp_path / "w.safetensors"), "--to", target,
+                     "--out", str(tmp_path / target)]) == 0
+    jpeg = photo(tmp_path / "photo.jpg", (500, 375))
+    ours = preprocess([jpeg], cfg)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    theirs = processor(Image.open(jpeg).convert("RGB"), return_tensors="np")["pixel_values"]
+    levels = np.abs(ours - theirs) * np.array(cfg.data.std)[:, None, None] * 255
+    assert ours.shape == theirs.shape == (1, 3, 224, 224) and levels.max() < 1.001 and levels.mean() < 0.05
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    timm_pixels = create_transform(**resolve_data_config({}, model=model))(Image.open(jpeg).convert("RGB")).numpy()
+    assert np.abs(ours[0] - timm_pixels).max() < 1e-5
+
+
+def test_a_run_keeps_weights_only_best_and_last_that_rebuild_its_net(finetuned):
+    """The fine-tuning run's weights/ files: the model's tensors only, metadata that builds the net
+    (no config needed) and gives the full checkpoint's logits, the run's classes, preprocessing and step."""
+    import mindspore as ms
+
+    from vit_dist.host.weights_only import read_card, weights_path
+    from vit_dist.models.spec import parameter_shapes
+    from vit_dist.models.vit import VisionTransformer
+
+    cfg = load_config(finetuned["config"])
+    full = vit_model(cfg, 3)
+    checkpoint.load_weights(full, finetuned["ckpt"])
+    x = images(16, seed=4)
+    want = full(ms.Tensor(x)).asnumpy()
+    for kind in ("best", "last"):
+        path = weights_path(finetuned["run"], kind)
+        card = read_card(path)
+        assert set(load_params(path)) == set(parameter_shapes(card.spec))
+        assert (card.classes, card.step, card.weights) == (("digit0", "digit1", "digit7"), 2, "model")
+        assert (card.interpolation, card.crop_fraction, card.mean, card.std) == \
+               (cfg.data.interpolation, cfg.data.eval_crop_fraction, tuple(cfg.data.mean), tuple(cfg.data.std))
+        assert (card.spec.layer_norm_eps, card.spec.image_size) == (1e-12, 16)  # the imported HF ViT's
+        net = VisionTransformer(card.spec)
+        checkpoint.load_weights(net, path)
+        net.set_train(False)
+        assert np.array_equal(net(ms.Tensor(x)).asnumpy(), want)
+
+
+def test_export_of_a_run_directory_and_what_a_target_cannot_express(finetuned, tmp_path, capsys):
+    """The run's best weights go to transformers with their class names; timm cannot take the HF
+    epsilon 1e-12, so --to timm is one line naming the fix and writes nothing, as is an existing --out
+    or a checkpoint whose architecture nothing records."""
+    assert main(["export-weights", str(finetuned["run"]), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf")
+    assert [model.config.id2label[i] for i in range(3)] == ["digit0", "digit1", "digit7"]
+    capsys.readouterr()
+    cases = [([str(finetuned["run"]), "--to", "timm", "--out", str(tmp_path / "timm")],
+              "error: timm's ViT fixes LayerNorm epsilon at 1e-06 and these weights were trained with 1e-12 "
+              "(model.layer_norm_eps); export them --to hf, whose config records it"),
+             ([str(finetuned["run"]), "--to", "hf", "--out", str(tmp_path / "hf")],
+              f"error: {tmp_path / 'hf'} exists; export-weights writes a new folder: remove it or choose another "
+              "--out"),
+             ([str(finetuned["tmp"] / "vit.safetensors"), "--to", "hf", "--out", str(tmp_path / "x")],
+              f"error: {finetuned['tmp'] / 'vit.safetensors'} records no architecture (a full checkpoint or "
+              "imported weights); pass --config CONFIG, the config it was trained with (RUN_DIR/config.yaml)"),
+             ([str(finetuned["run"] / "weights" / "best.safetensors"), "--ema", "--to", "hf", "--out",
+               str(tmp_path / "x")],
+              f"error: {finetuned['run'] / 'weights' / 'best.safetensors'} is a weights-only file of one set of "
+              "weights (metadata: weights model); leave out --ema")]
+    for args, message in cases:
+        assert main(["export-weights", *args]) == 2
+        assert capsys.readouterr().err == message + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -128,6 +128,84 @@ def test_generate_without_hccn_conf_explains_fix(capsys: pytest.CaptureFixture[s
     assert len(err) == 1 and "/etc/hccn.conf not found" in err[0] and "--hccn-conf" in err[0]
 
 
+def generate_args(tmp_path: Path, devices: str, *options: str) -> tuple[list[str], Path]:
+    """generate's arguments for `devices` of server 10.0.0.1 (hccn.conf of subnet 100, devices 0-7), and its output."""
+    out = tmp_path / "table.json"
+    hccn = write_hccn_conf(tmp_path / "hccn.conf", 100)
+    return ["generate", "--devices", devices, "--server-ip", "10.0.0.1", "--hccn-conf", str(hccn),
+            "--out", str(out), *options], out
+
+
+def device_entries(table: Path) -> list[tuple[str, str, str]]:
+    return [(d["device_id"], d["device_ip"], d["rank_id"]) for d in json.loads(table.read_text())["server_list"][0]["device"]]
+
+
+@pytest.mark.parametrize(("devices", "ids"), [
+    ("0-7", range(8)), ("0-3", range(4)), ("4-7", range(4, 8)), ("6,7", (6, 7)), ("1,3", (1, 3)), ("5", (5,))])
+def test_generate_for_910a_takes_one_hccs_group_or_all(devices: str, ids, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, devices, "--chip", "910A")
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    assert [entry[0] for entry in device_entries(out)] == [str(d) for d in ids]
+
+
+@pytest.mark.parametrize(("devices", "problem"), [
+    ("2-5", "devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use devices within 0-3 or within 4-7, "
+            "or all 8"),
+    ("3,4", "devices 3, 4 span both HCCS groups of a 910A server; use devices within 0-3 or within 4-7, or all 8"),
+    ("0-2", "3 devices (0, 1, 2); a 910A server runs 1, 2 or 4 devices of one HCCS group (0-3 or 4-7), or all 8"),
+    ("0-5", "6 devices (0, 1, 2, 3, 4, 5); a 910A server runs 1, 2 or 4 devices of one HCCS group (0-3 or 4-7), "
+            "or all 8"),
+])
+def test_generate_for_910a_refuses_what_hccl_refuses(devices: str, problem: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, devices, "--chip", "910A")
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [f"server_list[0] (10.0.0.1): {problem}"]
+    assert not out.exists()
+
+
+def test_generate_for_910b_takes_any_devices_and_unnamed_chips_warn(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, "2-5", "--chip", "910B")
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    assert [entry[0] for entry in device_entries(out)] == ["2", "3", "4", "5"]
+    out.unlink()
+    args, out = generate_args(tmp_path, "2-5")  # no --chip: the table, and a warning
+    assert main(args) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: server_list[0] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use devices "
+        "within 0-3 or within 4-7, or all 8 (fine on Atlas A2/910B servers; say which with --chip 910A or --chip 910B)"]
+    assert [entry[0] for entry in device_entries(out)] == ["2", "3", "4", "5"]
+
+
+def test_generate_in_a_container_writes_physical_ids_and_their_ips(tmp_path: Path) -> None:
+    """A container given physical NPUs 4-7 numbers them 0-3; the table holds the physical ids and the IPs
+    hccn.conf lists for them (as hccl_tools.py's --visible_devices)."""
+    args, out = generate_args(tmp_path, "0-3", "--visible-devices", "4,5,6,7", "--chip", "910A")
+    assert main(args) == 0
+    assert device_entries(out) == [("4", "192.168.100.105", "0"), ("5", "192.168.100.106", "1"),
+                                   ("6", "192.168.100.107", "2"), ("7", "192.168.100.108", "3")]
+
+
+@pytest.mark.parametrize(("devices", "visible", "line"), [
+    ("0-4", "4,5,6,7", "--devices 4 is not visible: --visible-devices lists 4 device(s), which this container "
+                       "numbers 0-3"),
+    ("0-3", "2,3,4,5", "server_list[0] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use "
+                       "devices within 0-3 or within 4-7, or all 8"),  # the rule holds for the physical ids
+    ("0", "4,4", "bad --visible-devices '4,4': a device is listed twice"),
+    ("0", "4-7", "bad --visible-devices '4-7': give physical device ids 0-15 separated by commas, e.g. 4,5,6,7"),
+])
+def test_generate_in_a_container_refuses_in_one_line(devices: str, visible: str, line: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    args, out = generate_args(tmp_path, devices, "--visible-devices", visible, "--chip", "910A")
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not out.exists()
+
+
 # --- merge ---------------------------------------------------------------------------
 
 
@@ -177,6 +255,31 @@ def test_examples_validate(name: str, servers: int, ranks: int, capsys: pytest.C
     path = EXAMPLES / name
     assert main(["validate", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: OK: {servers} server(s), {ranks} rank(s)\n"
+
+
+def test_validate_for_910a_refuses_what_generate_refuses(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A table made for Atlas A2 servers (2-5 on one, 0-3 on another) is refused for 910A servers only."""
+    first = generate(tmp_path, "10.0.0.2", 101, "0,1")
+    args, second = generate_args(tmp_path, "2-5", "--chip", "910B")
+    assert main(args) == 0
+    merged = tmp_path / "merged.json"
+    assert main(["merge", str(first), str(second), "--out", str(merged)]) == 0
+    assert main(["validate", "--chip", "910B", str(merged)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["validate", "--chip", "910A", str(merged)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{merged}: server_list[1] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use "
+        "devices within 0-3 or within 4-7, or all 8",
+        f"{merged}: the servers use 2 or 4 devices; on 910A servers every server must use the same number"]
+    assert main(["validate", str(merged)]) == 0  # unnamed chip: warnings
+    captured = capsys.readouterr()
+    assert [line.split(" (fine on")[0] for line in captured.err.splitlines()] == [
+        f"warning: {merged}: server_list[1] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; "
+        "use devices within 0-3 or within 4-7, or all 8",
+        f"warning: {merged}: the servers use 2 or 4 devices; on 910A servers every server must use the same number"]
+    assert captured.out == f"{merged}: OK: 2 server(s), 6 rank(s)\n"
+    assert main(["validate", "--chip", "910A", str(EXAMPLES / "rank_table_2server_16dev.json")]) == 0
 
 
 def test_load_rank_table_returns_dataclasses() -> None:
@@ -289,10 +392,110 @@ def test_local_ranks_lists_one_server(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["local-ranks", str(path), "--server-index", "1"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "rank_size 16", "server_count 2", "server_id 192.98.92.101",
-        *(f"device {d} {d + 8}" for d in range(8)),
+        *(f"device {d} {d + 8} {d}" for d in range(8)),  # physical id, rank, the id the worker is given
     ]
     assert main(["local-ranks", str(path), "--server-index", "2"]) == 2
     assert "--server-index 2 out of range" in capsys.readouterr().err
+
+
+def test_local_ranks_gives_the_containers_device_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = generate(tmp_path, "10.0.0.1", 100, "4-7")
+    assert main(["local-ranks", str(table), "--visible-devices", "4,5,6,7"]) == 0
+    assert capsys.readouterr().out.splitlines()[3:] == ["device 4 0 0", "device 5 1 1", "device 6 2 2", "device 7 3 3"]
+    assert main(["local-ranks", str(table), "--visible-devices", "5,6,7"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{table}: device 4 of server 0 (10.0.0.1) is not among --visible-devices 5,6,7; list every physical device "
+        "this container was given, in its order"]
+
+
+# --- detection of a rank-table start (bootstrap) --------------------------------------------
+
+
+@pytest.fixture()
+def crossed_table(tmp_path: Path) -> Path:
+    """Server 10.0.0.2 with devices 4-7 (ranks 0-3), then 10.0.0.1 with devices 0-3 (ranks 4-7): each device id
+    on one server only, and no rank equal to its device."""
+    second = generate(tmp_path, "10.0.0.2", 101, "4-7")
+    first = generate(tmp_path, "10.0.0.1", 100, "0-3")
+    merged = tmp_path / "crossed.json"
+    assert main(["merge", str(second), str(first), "--out", str(merged)]) == 0
+    return merged
+
+
+# The placement a process of a user's own start script gets, in a process of its own with only the given
+# variables (and this tree on the path).
+DETECT = ("import os; from vit_dist.bootstrap import detect_placement; p = detect_placement(os.environ); "
+          "print(p.launcher, p.rank, p.world_size, p.local_rank, p.local_world_size)")
+
+
+def detect(**env: str) -> subprocess.CompletedProcess[str]:
+    return run([PYTHON, "-c", DETECT], timeout=60, env={"PYTHONPATH": str(ROOT), **env})
+
+
+@pytest.mark.parametrize(("variables", "placement"), [
+    ({"RANK_TABLE_FILE": "T", "DEVICE_ID": "5"}, "rank_table 1 8 5 4"),  # no RANK_SIZE, no RANK_ID
+    ({"RANK_TABLE_FILE": "T", "DEVICE_ID": "2", "RANK_SIZE": "8"}, "rank_table 6 8 2 4"),
+    ({"RANK_TABLE_FILE": "T", "RANK_ID": "6"}, "rank_table 6 8 2 4"),  # DEVICE_ID: the table's for rank 6
+    ({"MINDSPORE_HCCL_CONFIG_PATH": "T", "DEVICE_ID": "7", "LOCAL_WORLD_SIZE": "1"}, "rank_table 3 8 7 1"),
+    ({"RANK_TABLE_FILE": "T", "RANK_ID": "0", "DEVICE_ID": "0"}, "rank_table 0 8 0 4"),  # a container's DEVICE_ID
+])
+def test_a_rank_table_start_is_detected_without_rank_size(variables: dict, placement: str,
+                                                          crossed_table: Path) -> None:
+    result = detect(**{name: str(crossed_table) if value == "T" else value for name, value in variables.items()})
+    assert (result.returncode, result.stdout, result.stderr) == (0, placement + "\n", "")
+
+
+@pytest.mark.parametrize(("variables", "line"), [
+    ({"DEVICE_ID": "9"}, "DEVICE_ID=9 is on no server of rank table <T>, so this process's rank is unknown; set "
+                         "RANK_ID to its rank_id in the table"),
+    ({}, "rank table <T> is set but neither RANK_ID nor DEVICE_ID is: set RANK_ID to this process's rank_id in the "
+         "table, and DEVICE_ID to its device"),
+    ({"DEVICE_ID": "2", "RANK_SIZE": "16"}, "RANK_SIZE=16 but rank table <T> has 8 device(s); set RANK_SIZE=8 or "
+                                            "unset it"),
+    ({"RANK_ID": "8"}, "RANK_ID=8 is not a rank of rank table <T> (ranks 0-7); set RANK_ID to this process's rank_id "
+                       "in the table"),
+    ({"RANK_ID": "-1"}, "RANK_ID='-1' is not a whole number; set it to one, or unset it"),
+])
+def test_a_rank_table_start_that_cannot_be_placed_stops_in_one_line(variables: dict, line: str, crossed_table: Path,
+                                                                    tmp_path: Path) -> None:
+    """Through the CLI, before anything starts: one line, exit status 2."""
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "no_data")
+    result = run([PYTHON, "-m", "vit_dist", "train", str(config)], timeout=60,
+                 env={"PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "RANK_TABLE_FILE": str(crossed_table),
+                      **variables})
+    assert (result.returncode, result.stderr.splitlines()) == (2, ["error: " + line.replace("<T>", str(crossed_table))])
+
+
+def test_a_device_on_several_servers_needs_rank_id() -> None:
+    table = EXAMPLES / "rank_table_2server_16dev.json"
+    result = detect(RANK_TABLE_FILE=str(table), DEVICE_ID="1")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"vit_dist.host.errors.ConfigError: DEVICE_ID=1 is on 2 servers of rank table {table}, so this process's "
+        "rank is unknown; set RANK_ID to its rank_id in the table")
+    assert detect(RANK_TABLE_FILE=str(table), DEVICE_ID="1", RANK_ID="9").stdout == "rank_table 9 16 1 8\n"
+
+
+def test_the_backend_start_exports_the_placement_hccl_reads(tmp_path: Path) -> None:
+    """MindSpore's HCCL start reads RANK_ID and RANK_SIZE itself: what vit-dist derived must be in the
+    environment by then, RANK_ID derived from DEVICE_ID here (shown on one device, where init_backend brings
+    up no collective)."""
+    args, table = generate_args(tmp_path, "3")
+    assert main(args) == 0
+    script = ("import os; from vit_dist import bootstrap; p = bootstrap.detect_placement(os.environ); "
+              "bootstrap.init_backend('CPU', 1, p); "
+              "print(os.environ['RANK_ID'], os.environ['RANK_SIZE'], os.environ['DEVICE_ID'])")
+    result = run([PYTHON, "-c", script], timeout=120,
+                 env={"PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "RANK_TABLE_FILE": str(table), "DEVICE_ID": "3"})
+    assert (result.returncode, result.stdout.splitlines()[-1:]) == (0, ["0 1 3"]), result.stderr
+
+
+def test_an_invalid_rank_table_is_one_line(tmp_path: Path) -> None:
+    path = broken_table(tmp_path, "duplicate_rank", "status")
+    result = detect(RANK_TABLE_FILE=str(path), RANK_ID="0")
+    assert result.stderr.splitlines()[-1] == (
+        f"vit_dist.host.errors.ConfigError: rank table {path}: status must be \"completed\", got \"initializing\" "
+        f"(and 2 more problem(s)); check it with vit-dist rank-table validate {path}")
 
 
 # --- launcher ------------------------------------------------------------------------
@@ -301,7 +504,7 @@ def test_local_ranks_lists_one_server(capsys: pytest.CaptureFixture[str]) -> Non
 def launcher_env(**extra: str) -> dict:
     """tool_env with this tree's package first on PYTHONPATH, for launchers run from a copy of launch/."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return tool_env(PYTHONPATH=path, **extra)
+    return {**tool_env(PYTHONPATH=path), **extra}  # after tool_env, which drops MS_ROLE
 
 
 def run_launcher(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -328,6 +531,40 @@ def test_launcher_dry_run_second_server(two_server_table: Path, tmp_path: Path) 
                  "nodes           2; this is server 1 (10.0.0.2)", "run directory   RUN_DIR"):
         assert line in result.stdout
     assert list(cwd.iterdir()) == []  # a dry run creates nothing, not even a run directory
+
+
+def test_launcher_dry_run_in_a_container_inside_an_outer_job(tmp_path: Path) -> None:
+    """A container given physical NPUs 4-7 (the table's ids) sees them as 0-3: DEVICE_ID is the container's;
+    another launcher's variables are removed from each worker's environment."""
+    table = generate(tmp_path, "10.0.0.1", 100, "4-7")
+    env = launcher_env(MS_ROLE="MS_WORKER", MS_WORKER_NUM="8", OMPI_COMM_WORLD_SIZE="8", PRTE_LAUNCHED="1")
+    result = run(["bash", str(LAUNCHER), "--dry-run", "--visible-devices", "4,5,6,7", str(table), "cfg.yaml"],
+                 cwd=tmp_path, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "  local devices   4 5 6 7 (ranks 0 1 2 3); DEVICE_ID 0 1 2 3 in this container\n" in result.stdout
+    assert ("  environment     MS_ROLE MS_WORKER_NUM OMPI_COMM_WORLD_SIZE PRTE_LAUNCHED (another launcher's, removed "
+            "for the workers)\n") in result.stdout
+    rank_lines = [line for line in result.stdout.splitlines() if line.startswith("env ")]
+    assert [line.split(f" RANK_SIZE=4 RANK_TABLE_FILE={table} ")[0] for line in rank_lines] == [
+        f"env -u MS_ROLE -u MS_WORKER_NUM -u OMPI_COMM_WORLD_SIZE -u PRTE_LAUNCHED DEVICE_ID={rank} RANK_ID={rank}"
+        for rank in range(4)]
+    shown = subprocess.run(["bash", "-c", rank_lines[0].split(f" {PYTHON} ")[0] + " env"], env=env,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "DEVICE_ID=0" in shown and not [line for line in shown if line.startswith(("MS_", "OMPI_", "PRTE_"))]
+
+
+def test_launcher_applies_the_chip_rule_it_is_given(tmp_path: Path) -> None:
+    args, table = generate_args(tmp_path, "2-5", "--chip", "910B")
+    assert main(args) == 0
+    assert run_launcher("--dry-run", "--chip", "910B", str(table), "cfg.yaml").returncode == 0
+    result = run_launcher("--dry-run", "--chip", "910A", str(table), "cfg.yaml")
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"{table}: server_list[0] (10.0.0.1): devices 2, 3, 4, 5 span both HCCS groups of a 910A server; use "
+        "devices within 0-3 or within 4-7, or all 8",
+        f"error: invalid rank table {table}; fix the problems above, or make it anew (vit-dist rank-table generate)"])
+    result = run_launcher("--dry-run", "--chip", "910", str(table), "cfg.yaml")
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        "error: --chip is 910A (Atlas training series) or 910B (Atlas A2 and later), got '910'"])
 
 
 @pytest.mark.parametrize("job", [["train"], ["eval", "--ckpt", "c.safetensors"], ["bench", "--steps", "3"]])
@@ -359,11 +596,17 @@ def test_launcher_refuses_a_server_index_past_the_table() -> None:
     assert result.stderr.splitlines() == [f"{table}: --server-index 2 out of range; the table has 2 server(s) (0..1)"]
 
 
-# A stand-in for launch/worker.py (the real one needs Ascend): it says where it would write, then, as
-# STANDIN says, succeeds, sleeps, or fails as rank 1 while the other ranks sleep.
+# A stand-in for launch/worker.py (the real one needs Ascend): it says where it would write, where the
+# bootstrap layer places it and which launchers' variables it sees, then, as STANDIN says, succeeds,
+# sleeps, or fails as rank 1 while the other ranks sleep.
 STANDIN_WORKER = """\
 import os, sys, time
+from vit_dist.bootstrap import detect_placement
 print("rank", os.environ["RANK_ID"], "args", sys.argv[1:], flush=True)
+p = detect_placement(os.environ)
+print("placement", p.launcher, p.rank, p.world_size, p.local_rank, p.local_world_size, flush=True)
+print("foreign", sorted(k for k in os.environ if k.startswith(("MS_", "OMPI_", "PMIX_", "PRTE_", "VIT_DIST_"))
+                        and k != "VIT_DIST_JOB"), flush=True)
 if os.environ["STANDIN"] == "fail" and os.environ["RANK_ID"] == "1":
     print("simulated failure", flush=True)
     sys.exit(3)
@@ -386,8 +629,8 @@ class Standin:
     def command(self, *args: str) -> list[str]:
         return ["bash", str(self.folder / "launch" / "rank_table.sh"), str(self.table), str(self.config), *args]
 
-    def run(self, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return run(self.command(*args), cwd=self.folder, timeout=120, env=launcher_env(STANDIN=mode))
+    def run(self, mode: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return run(self.command(*args), cwd=self.folder, timeout=120, env=launcher_env(STANDIN=mode, **env))
 
     def workers(self) -> list[int]:
         found = subprocess.run(["pgrep", "-f", str(self.folder / "launch" / "worker.py")], capture_output=True,
@@ -410,18 +653,41 @@ def _run_dir(stdout: str) -> Path:
     return Path(re.search(r"^  run directory   (.+)$", stdout, re.MULTILINE)[1])
 
 
+# What an outer msrun or mpirun job leaves in the environment: a worker that inherited it would take
+# that launcher's path (placement msrun, world 8).
+OUTER_JOB = {"MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "8", "MS_SCHED_HOST": "10.9.9.9", "MS_SCHED_PORT": "8118",
+             "MS_NODE_ID": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5", "PMIX_RANK": "5",
+             "VIT_DIST_NODE_RANK": "1"}
+
+
 def test_launcher_workers_share_one_run_directory(standin: Standin) -> None:
-    result = standin.run("succeed")
+    """Started inside an outer job, the workers see none of its variables, and are placed by the table."""
+    result = standin.run("succeed", **OUTER_JOB)
     assert result.returncode == 0, result.stderr
     run_dir = _run_dir(result.stdout)
     runs = standin.folder / "runs"
     assert run_dir.parent == runs and [p.name for p in runs.iterdir()] == [run_dir.name]
+    assert f"  environment     {' '.join(sorted(OUTER_JOB))} (another launcher's, removed for the workers)\n" \
+        in result.stdout
     for rank in range(4):
         log = (run_dir / "logs" / f"worker_{rank}.log").read_text()
         assert log == (f"rank {rank} args ['train', '{standin.config}', '--set', 'train.output_dir={run_dir}', "
-                       "'parallel.device_target=CPU']\n")  # the device as the pre-flight resolved it
+                       "'parallel.device_target=CPU']\n"  # the device as the pre-flight resolved it
+                       f"placement rank_table {rank} 4 {rank} 4\n"
+                       "foreign []\n")
     assert "rank 0 args" in result.stdout  # the first local worker on the console
     assert result.stdout.splitlines()[-1] == f"all 4 workers of server 0 finished; logs in {run_dir}/logs"
+
+
+def test_launcher_across_servers_needs_a_shared_output_dir(standin: Standin, two_server_table: Path) -> None:
+    """Each server's launcher would pick a run directory of its own: the job must name the shared one."""
+    result = run(["bash", str(standin.folder / "launch" / "rank_table.sh"), "--server-index", "1",
+                  str(two_server_table), str(standin.config)], cwd=standin.folder, timeout=120,
+                 env=launcher_env(STANDIN="succeed"))
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        "error: a job across 2 nodes needs train.output_dir: each node's launcher would make a run directory of its "
+        "own; set it to a directory every node shares"])
+    assert not (standin.folder / "runs").exists()
 
 
 def test_launcher_stops_everyone_when_a_worker_fails(standin: Standin) -> None:

@@ -94,6 +94,17 @@ def test_the_launchers_preflight_resolves_auto_then_checks_what_depends_on_the_d
     refused = vit_dist_in(tmp_path, "preflight", str(auto_config), "--world", "2", "--set",
                           "parallel.mode=semi_auto", "parallel.model_parallel=2")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
-        "error: parallel.mode semi_auto needs parallel.device_target Ascend or GPU: MindSpore 2.10 refuses "
-        "semi-auto-parallel on CPU; use parallel.mode=data there")
+        "error: parallel.mode semi_auto needs parallel.device_target Ascend: MindSpore 2.10 supports "
+        "semi-auto-parallel there only, not on CPU; use parallel.mode=data there")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_more_data_workers_than_cores_is_one_line_before_anything_starts(auto_config, tmp_path):
+    import os
+
+    workers = (os.cpu_count() or 1) + 1
+    result = vit_dist_in(tmp_path, "train", str(auto_config), "--set", f"data.num_workers={workers}")
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (2, (
+        f"error: data.num_workers {workers} is more than this machine's {os.cpu_count()} cores; set "
+        f"data.num_workers to at most {os.cpu_count()}"))
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

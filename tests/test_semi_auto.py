@@ -44,6 +44,11 @@ def test_strategies_attach_to_the_primitives(dp, mp, head):
         assert isinstance(mlp.act, GELU) and mlp.act.erf.in_strategy == ((dp, 1, mp),)
         assert mlp.act.mul.in_strategy == ((dp, 1, mp), (dp, 1, mp))
         assert block.norm1.layer_norm.in_strategy == block.norm2.layer_norm.in_strategy == ((dp, 1, 1), (1,), (1,))
+        # Between the layers: the heads' transposes keep the heads over mp; the residual stream stays
+        # (batch, tokens, dim) over dp, replicated over mp.
+        assert attn.split_heads.in_strategy == ((dp, 1, mp, 1),) and attn.merge_heads.in_strategy == (heads,)
+        assert attn.scale_query.in_strategy == ((dp, 1, mp), ())
+        assert block.add_attention.in_strategy == block.add_mlp.in_strategy == ((dp, 1, 1), (dp, 1, 1))
         # The contracted axis is split alike on both sides of every matmul (transpose_b: the weight's last axis).
         for dense in (attn.query, attn.out, mlp.fc1, mlp.fc2):
             x, w = dense.matmul.in_strategy
@@ -61,20 +66,23 @@ class _Recorder:
         self.primitive, self.calls = primitive, calls
 
     def __call__(self, *args):
-        self.calls.append(tuple(tuple(a.shape) for a in args))
+        from mindspore import Tensor
+
+        tensors = [t for a in args if not isinstance(a, tuple) or isinstance(a[0], Tensor)
+                   for t in (a if isinstance(a, tuple) else (a,))]  # Concat takes a tuple; not a Transpose's perm
+        self.calls.append(tuple(tuple(t.shape) for t in tensors))
         return self.primitive(*args)
 
 
 def _strategies_and_input_shapes(net, x):
-    """{cell path.attribute: (strategy, [input shapes of each call])} for every primitive that carries a
-    shard strategy, from a real PyNative forward pass of `net` on `x`."""
+    """{cell path.attribute: (strategy, [input shapes of each call])} for every primitive of `net`'s
+    cells (strategy None where it has none), from a real PyNative forward pass of `net` on `x`."""
     found = {}
     for path, cell in net.cells_and_names():
         for attr, primitive in list(cell._primitives.items()):
-            if getattr(primitive, "in_strategy", None) is not None:
-                calls = []
-                found[f"{path}.{attr}"] = (primitive.in_strategy, calls)
-                object.__setattr__(cell, attr, _Recorder(primitive, calls))
+            calls = []
+            found[f"{path}.{attr}"] = (getattr(primitive, "in_strategy", None), calls)
+            object.__setattr__(cell, attr, _Recorder(primitive, calls))
     try:
         net(x)
     finally:
@@ -98,16 +106,22 @@ def test_every_strategy_fits_the_shapes_its_primitive_receives(dp, mp, head, gel
 
     from vit_dist.parallel.semi_auto import apply_strategies
 
-    _, net = tiny_net("model.num_heads=8", *(["model.gelu_approximate=true"] if gelu == "tanh" else []))
-    net.set_train(False)
+    _, net = tiny_net("model.num_heads=8", "model.dropout=0.1", "model.attention_dropout=0.1",
+                      "model.drop_path_rate=0.1", *(["model.gelu_approximate=true"] if gelu == "tanh" else []))
+    net.set_train(True)  # every dropout and drop path runs
     apply_strategies(net, dp, mp, head)
     x = ms.Tensor(np.random.default_rng(0).standard_normal((2 * dp, 3, 16, 16)).astype(np.float32))
     found = _strategies_and_input_shapes(net, x)
     depth, linears = 2, 6  # per block: q, k, v, out, fc1, fc2
-    per_block = linears * 2 + 2 + 1 + 2 + (5 if gelu == "exact" else 0)  # linears, norms, softmax, bmms, GELU
-    assert len(found) == depth * per_block + 1 + 2 + 2  # final norm, patch embedding, head
+    # Per block: the linears' two ops, 2 norms, softmax, 2 bmms, scale, 2 transposes, 4 dropouts, 2
+    # residual adds, drop path's mul and dropout, and the GELU's ops.
+    per_block = linears * 2 + 2 + 1 + 2 + 3 + 4 + 2 + 2 + (5 if gelu == "exact" else 1)
+    # The first block's drop path has rate 0 (no dropout); + the final norm; the patch embedding's transpose
+    # and linear; the class token's concat, the position add and dropout; the head.
+    assert len(found) == depth * per_block - 1 + 1 + 3 + 3 + 2
     for name, (strategy, calls) in found.items():
-        assert calls, f"{name} carries a strategy but never ran"
+        assert strategy is not None, f"{name} has no shard strategy: MindSpore would give it a default one"
+        assert calls or name == "blocks.0.drop_path.mul", f"{name} carries a strategy but never ran"  # rate 0: off
         for shapes in calls:
             assert len(strategy) == len(shapes), (name, strategy, shapes)
             for split, shape in zip(strategy, shapes):
@@ -115,6 +129,8 @@ def test_every_strategy_fits_the_shapes_its_primitive_receives(dp, mp, head, gel
                 assert all(n % k == 0 for n, k in zip(shape, split)), (name, strategy, shapes)
     if gelu == "exact":
         assert found["blocks.0.mlp.act.erf"][1][0] == ((2 * dp, 17, 64),)  # 16 patches + the class token
+    else:
+        assert found["blocks.0.mlp.act.gelu"][1][0] == ((2 * dp, 17, 64),)
 
 
 @pytest.mark.parametrize("soft_targets", [False, True])
@@ -151,7 +167,8 @@ def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
     clipping norm from gradients sliced as mp = 2 slices them equals numpy's norm of the whole
     gradients, and an inf in rank 1's batch only, with no gradient reduction (semi_auto's: each rank
     keeps its own), makes both ranks skip the step with equal parameters, EMAs and loss scales; the
-    next step moves the EMA as numpy does."""
+    next step moves the EMA as numpy does. And data mode's per-parameter layout (Ascend and GPU: MindSpore's
+    AdamW with DistributedGradReducer) trains as the CPU's flat one, the two ranks on different batches."""
     import socket
 
     with socket.socket() as s:
@@ -172,6 +189,14 @@ def test_clipping_norm_and_overflow_decision_across_two_real_ranks(tmp_path):
         assert r["next_finite"] and r["next_changed"]
         assert not r["overflow_ema_changed"] and r["next_ema_error"] < 1e-6
     assert np.array_equal(ranks[0]["overflow_params"], ranks[1]["overflow_params"])
+    # Data mode: the accelerators' per-parameter AdamW with DistributedGradReducer trains as the CPU's flat
+    # AdamW with its flat all-reduces, and both keep the ranks equal though each rank read its own batch.
+    for r in ranks:
+        flat, per_parameter = r["data_flat"] - r["data_before"], r["data_per_parameter"] - r["data_before"]
+        assert np.abs(flat).max() > 0
+        np.testing.assert_allclose(per_parameter, flat, rtol=1e-4, atol=1e-4 * np.abs(flat).max())
+    np.testing.assert_allclose(ranks[0]["data_per_parameter"], ranks[1]["data_per_parameter"], rtol=1e-6, atol=1e-8)
+    assert np.array_equal(ranks[0]["data_flat"], ranks[1]["data_flat"])
 
 
 def test_strategies_keep_the_model_and_its_numbers():
@@ -194,7 +219,9 @@ SEMI = ["parallel.mode=semi_auto", "parallel.device_target=Ascend"]
 
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.mode=semi_auto", "parallel.device_target=CPU"],
-     r"parallel\.mode semi_auto needs parallel\.device_target Ascend or GPU: MindSpore 2\.10 refuses"),
+     r"parallel\.mode semi_auto needs parallel\.device_target Ascend: MindSpore 2\.10 supports"),
+    (["parallel.mode=semi_auto", "parallel.device_target=GPU"],
+     r"parallel\.mode semi_auto needs parallel\.device_target Ascend: .* not on GPU; use parallel\.mode=data there$"),
     (SEMI + ["parallel.model_parallel=4", "model.variant=s"],
      r"model\.num_heads 6 is not divisible by parallel\.model_parallel 4"),
     (SEMI + ["parallel.model_parallel=4", "model.mlp_dim=1001"],
@@ -204,6 +231,7 @@ SEMI = ["parallel.mode=semi_auto", "parallel.device_target=Ascend"]
     (["parallel.model_parallel=2"], r"need parallel\.mode=semi_auto"),
     (["parallel.optimizer_shard=true"], r"need parallel\.mode=semi_auto"),
     (SEMI + ["parallel.optimizer_shard=true"], r"set train\.grad_clip_norm=0 with it"),
+    (SEMI + ["train.compile_cache=/tmp/cache"], r"skips writing the strategy file .*; set train\.compile_cache=null$"),
     (["parallel.grad_accumulation=0"], r"parallel\.model_parallel and parallel\.grad_accumulation must be at least 1"),
     (["parallel.mode=tensor"], r"parallel\.mode 'tensor' is not supported; use one of data, semi_auto"),
 ])
@@ -227,7 +255,7 @@ def test_semi_auto_on_cpu_fails_before_anything_compiles(tiny_data, tmp_path):
     result = run([PYTHON, "-m", "vit_dist", "train", str(config)], timeout=120, env=tool_env())
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: parallel.mode semi_auto needs parallel.device_target Ascend or GPU")
+        "error: parallel.mode semi_auto needs parallel.device_target Ascend:")
     assert not (tmp_path / "run").exists()
 
 
@@ -238,8 +266,8 @@ def test_planner_parameters_match_the_real_model(overrides):
     cfg, net = tiny_net(*overrides)
     assert planner.count_parameters(planner.model_of(cfg)) == count_parameters(net)
     # ViT-B/16, the reference count (test_model checks the real model gives it too).
-    assert planner.count_parameters(planner.model_of(load_config(ROOT / "configs" / "vit_b16_imagenet.yaml"))) \
-        == 86_567_656
+    b16 = load_config(ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml")
+    assert planner.count_parameters(planner.model_of(b16)) == 86_567_656
 
 
 def test_planner_activations_match_the_tensors_the_model_produces():
@@ -288,7 +316,7 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
     overrides = SEMI + ["model.embed_dim=1664", "model.depth=48", "model.num_heads=16", "model.mlp_dim=8192",
                         "model.patch_size=14", "train.batch_size=32", "parallel.optimizer_shard=true",
                         "train.grad_clip_norm=0", "precision.amp_level=O2", "parallel.model_parallel=8"]
-    cfg = load_config(ROOT / "configs" / "vit_b16_imagenet.yaml", overrides)
+    cfg = load_config(ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml", overrides)
     result = planner.plan(cfg, 64, None, 24.0)
     by_mp = {e["mp"]: e for e in result["by_mp"]}
     assert not by_mp[1]["fits"] and by_mp[2]["fits"] and result["recommended_mp"] == 2
@@ -302,8 +330,9 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
     o2 = {(e["optimizer_shard"], e["grad_accumulation"]): e for e in result["layouts"] if e["amp_level"] == "O2"}
     assert o2[(True, 1)]["optimizer_gb"] == pytest.approx(o2[(False, 1)]["optimizer_gb"] / o2[(True, 1)]["dp"])
     assert o2[(False, 4)]["activation_gb"] == pytest.approx(o2[(False, 1)]["activation_gb"] / 4)
-    out = run([PYTHON, "-m", "vit_dist", "plan", str(ROOT / "configs" / "vit_b16_imagenet.yaml"), "--world", "64",
-               "--device-memory-gb", "24", "--json", "--set", *overrides], timeout=60)
+    b16 = ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml"
+    out = run([PYTHON, "-m", "vit_dist", "plan", str(b16), "--world", "64", "--device-memory-gb", "24", "--json",
+               "--set", *overrides], timeout=60)
     assert out.returncode == 0 and json.loads(out.stdout) == json.loads(json.dumps(result))
     with pytest.raises(ConfigError, match=r"--mp 3 does not divide world 64, num_heads 16"):
         planner.plan(cfg, 64, 3, 24.0)
@@ -311,7 +340,7 @@ def test_planner_flags_over_budget_and_recommends_an_mp():
 
 def test_the_plan_counts_recompute_the_optimizers_buffers_and_the_cpu_runtime():
     """ViT-B/16 at batch 4, float32, one CPU rank (data mode), as vit-dist bench plans it."""
-    b16 = ROOT / "configs" / "vit_b16_imagenet.yaml"
+    b16 = ROOT / "vit_dist" / "configs" / "vit_b16_imagenet.yaml"
     cpu = ["parallel.device_target=CPU", "precision.amp_level=O0", "precision.loss_scale=none", "train.batch_size=4"]
     plain = planner.step_estimate(load_config(b16, cpu), 1)
     recomputed = planner.step_estimate(load_config(b16, cpu + ["train.recompute=true"]), 1)
@@ -332,9 +361,11 @@ def test_the_plan_counts_recompute_the_optimizers_buffers_and_the_cpu_runtime():
     stock = planner.step_estimate(load_config(b16, cpu + ["parallel.fused_cpu_kernels=false"]), 1)
     assert (stock.runtime_gb - plain.runtime_gb) * gib == pytest.approx(
         12 * depth * mib + 16 * batch * depth * tokens * (3 * dim + 4 * dim))  # and q, k, v and fc1
-    # semi_auto on Ascend: the gradients once, no runtime figure.
+    # semi_auto on Ascend, and data mode there (per-parameter AdamW): the gradients once, no runtime figure.
     semi = planner.step_estimate(load_config(b16, SEMI + ["parallel.model_parallel=2"]), 8)
     assert semi.gradient_gb == pytest.approx(semi.params_per_device * 4 / gib) and semi.runtime_gb == 0
+    data = planner.step_estimate(load_config(b16, ["parallel.device_target=Ascend"]), 8)
+    assert data.gradient_gb == pytest.approx(params * 4 / gib) and data.optimizer_gb == plain.optimizer_gb
 
 
 def _strategy_and_slices(run_dir, net, mp):

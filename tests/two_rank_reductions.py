@@ -8,6 +8,8 @@ collectives real): the cross-rank reductions the train step uses, as semi_auto n
 2. An overflow on one rank only: the real train step (loss scaler, clipping, the per-parameter AdamW
    and the weights' EMA semi_auto trains with) with semi_auto's gradient reduction (none: MindSpore's
    parallel compiler would insert it), rank 1's batch holding an inf. Then a finite step.
+3. Data mode's two optimizer layouts, two steps each on each rank's own batch: the CPU's FlatAdamW
+   with its flat all-reduces, and Ascend's and GPU's per-parameter AdamW with DistributedGradReducer.
 
 Writes OUT_DIR/rank_N.npz."""
 import sys
@@ -23,11 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vit_dist.host.config import load_config  # noqa: E402
+from vit_dist.host.placement import Placement  # noqa: E402
+from vit_dist.parallel.data_parallel import gradient_reducer  # noqa: E402
 from vit_dist.models.spec import ViTSpec  # noqa: E402
 from vit_dist.models.vit import Linear, VisionTransformer  # noqa: E402
 from vit_dist.parallel import semi_auto  # noqa: E402
 from vit_dist.training.ema import WeightEMA  # noqa: E402
 from vit_dist.training.optim import build_optimizer  # noqa: E402
+from vit_dist.training.loss import train_loss  # noqa: E402
 from vit_dist.training.step import make_train_step  # noqa: E402
 
 TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=2",
@@ -83,7 +88,7 @@ def main(out_dir: Path) -> None:
     optimizer = build_optimizer(net, cfg.train, flat=False)
     scaler = amp.DynamicLossScaler(2.0 ** 10, 2, 1000)
     ema = WeightEMA(net.trainable_params(), 0.9)
-    step = make_train_step(net, optimizer, semi_auto.reduced_by_mindspore, 0.0, 1.0, scaler, ema=ema)
+    step = make_train_step(net, optimizer, train_loss(0.0, False), semi_auto.reduced_by_mindspore, 1.0, scaler, ema=ema)
     before = np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
     images = np.random.default_rng(rank).standard_normal((4, 3, 16, 16)).astype(np.float32)
     labels = Tensor(np.arange(4, dtype=np.int32))
@@ -105,6 +110,24 @@ def main(out_dir: Path) -> None:
     result["next_changed"] = np.array(not np.array_equal(before, after))
     result["next_ema_error"] = np.abs(np.concatenate([p.asnumpy().ravel() for p in ema.average])
                                       - (0.9 * before.astype(np.float64) + 0.1 * after)).max()
+
+    # 3. Data mode's two layouts, each rank on its own batch: FlatAdamW with one all-reduce per group
+    # (the CPU's) and MindSpore's per-parameter AdamW with DistributedGradReducer (Ascend's and GPU's).
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
+    placement = Placement(launcher="msrun", rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+    # Adam's step ignores the gradients' scale unless eps dominates: eps 1 makes a sum in place of the mean show.
+    data_cfg = load_config(None, TINY + ["train.adam_eps=1.0"])
+    for flat in (True, False):
+        ms.set_seed(11)
+        net = VisionTransformer(ViTSpec.of(data_cfg, 8))
+        optimizer = build_optimizer(net, data_cfg.train, flat=flat)
+        reducer = gradient_reducer(placement, None if flat else optimizer.parameters)
+        step = make_train_step(net, optimizer, train_loss(0.0, False), reducer, 0.0)
+        result["data_before"] = np.concatenate([p.asnumpy().ravel() for p in net.trainable_params()])
+        for _ in range(2):
+            step(Tensor(images), labels, lr)
+        result["data_flat" if flat else "data_per_parameter"] = np.concatenate(
+            [p.asnumpy().ravel() for p in net.trainable_params()])
     np.savez(out_dir / f"rank_{rank}.npz", **result)
 
 

@@ -1,4 +1,5 @@
-"""The bootstrap layer: the process's place in the job, read from the environment once; the device
+"""The bootstrap layer: the process's place in the job, read from the environment once (under a rank
+table, checked against the table and completed from it); the device
 (parallel.device_target auto resolved); the mpirun bootstrap of MindSpore's cluster; the scheduler
 role; the backend brought up; rank 0's run directory shared with ranks started without one.
 
@@ -24,6 +25,7 @@ from vit_dist.host.atomic import write_atomic
 from vit_dist.host.config import AUTO_DEVICE, DEVICES
 from vit_dist.host.errors import ConfigError
 from vit_dist.host.placement import Placement
+from vit_dist.host.rank_table import RankTable, RankTableError, Server, load_rank_table
 from vit_dist.host.run_record import PIDS_DIR
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
@@ -40,6 +42,8 @@ LAUNCH_JOB = "VIT_DIST_JOB"
 NODE_TIMEOUT = "MS_NODE_TIMEOUT"
 # What OpenMPI gives each process it starts; the scheduler is none of them.
 MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
+# Either names the HCCL rank table of a rank-table start (MindSpore reads both; launch/rank_table.sh sets both).
+RANK_TABLE_VARS = ("RANK_TABLE_FILE", "MINDSPORE_HCCL_CONFIG_PATH")
 
 
 def announce_worker(run_dir, placement: Placement) -> None:
@@ -100,11 +104,69 @@ def _placement(env: Mapping[str, str]) -> Placement:
                          world_size=int(env["OMPI_COMM_WORLD_SIZE"]),
                          local_rank=int(env["OMPI_COMM_WORLD_LOCAL_RANK"]),
                          local_world_size=int(env["OMPI_COMM_WORLD_LOCAL_SIZE"]))
-    if "RANK_TABLE_FILE" in env and "RANK_SIZE" in env:
-        local_rank = int(env.get("DEVICE_ID", "0"))
-        return Placement(launcher="rank_table", rank=int(env["RANK_ID"]), world_size=int(env["RANK_SIZE"]),
-                         local_rank=local_rank, local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")))
+    table_path = next((env[name] for name in RANK_TABLE_VARS if env.get(name)), None)
+    if table_path is not None:
+        return _rank_table_placement(table_path, env)
     return Placement.single()
+
+
+def _rank_table_placement(path: str, env: Mapping[str, str]) -> Placement:
+    """A process of a rank-table start (launch/rank_table.sh or a user's own script): the world size is the
+    table's (RANK_SIZE, if set, must agree), RANK_ID may be left out where DEVICE_ID names one device of
+    the table, DEVICE_ID where RANK_ID is given (the table's device of that rank). Each contradiction or
+    gap is one ConfigError."""
+    table = _read_rank_table(path)
+    world = table.rank_size
+    if "RANK_SIZE" in env and _env_int(env, "RANK_SIZE") != world:
+        raise ConfigError(f"RANK_SIZE={env['RANK_SIZE']} but rank table {path} has {world} device(s); "
+                          f"set RANK_SIZE={world} or unset it")
+    device = _env_int(env, "DEVICE_ID") if "DEVICE_ID" in env else None
+    rank = _env_int(env, "RANK_ID") if "RANK_ID" in env else _rank_of_device(table, device, path)
+    if rank >= world:
+        raise ConfigError(f"RANK_ID={rank} is not a rank of rank table {path} (ranks 0-{world - 1}); set RANK_ID "
+                          "to this process's rank_id in the table")
+    server = table.server_of_rank(rank)
+    if device is None:
+        device = next(d.device_id for d in server.devices if d.rank_id == rank)
+    local_world = _env_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else len(server.devices)
+    return Placement(launcher="rank_table", rank=rank, world_size=world, local_rank=device,
+                     local_world_size=local_world)
+
+
+def _read_rank_table(path: str) -> RankTable:
+    try:
+        return load_rank_table(path)
+    except RankTableError as err:
+        more = f" (and {len(err.problems) - 1} more problem(s))" if len(err.problems) > 1 else ""
+        raise ConfigError(f"rank table {err.problems[0]}{more}; check it with vit-dist rank-table validate "
+                          f"{path}") from None
+
+
+def _rank_of_device(table: RankTable, device: int | None, path: str) -> int:
+    """The rank of this process's device when only one server of the table lists it."""
+    if device is None:
+        raise ConfigError(f"rank table {path} is set but neither RANK_ID nor DEVICE_ID is: set RANK_ID to this "
+                          "process's rank_id in the table, and DEVICE_ID to its device")
+    servers: list[Server] = table.servers_with_device(device)
+    if len(servers) != 1:
+        where = "no server" if not servers else f"{len(servers)} servers"
+        raise ConfigError(f"DEVICE_ID={device} is on {where} of rank table {path}, so this process's rank is "
+                          "unknown; set RANK_ID to its rank_id in the table")
+    return next(d.rank_id for d in servers[0].devices if d.device_id == device)
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    if not value.isdigit() or not value.isascii():
+        raise ConfigError(f"{name}={value!r} is not a whole number; set it to one, or unset it")
+    return int(value)
+
+
+def _export_rank_table_placement(placement: Placement) -> None:
+    """MindSpore's HCCL start reads RANK_ID, RANK_SIZE and DEVICE_ID itself: give it the values detected
+    (the same where they were set, derived from the table where they were not)."""
+    os.environ.update(RANK_ID=str(placement.rank), RANK_SIZE=str(placement.world_size),
+                      DEVICE_ID=str(placement.local_rank))
 
 
 def join_mpi_job(placement: Placement, env: Mapping[str, str]) -> None:
@@ -240,6 +302,8 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
     AutoParallel wrapper sets its own). Returns the placement with the rank the backend assigned."""
     if placement.launcher == "mpirun" and placement.distributed:
         join_mpi_job(placement, os.environ)  # before mindspore is imported
+    if placement.launcher == "rank_table":
+        _export_rank_table_placement(placement)
     if compile_cache:
         enable_compile_cache(compile_cache)
     import mindspore as ms
@@ -253,11 +317,13 @@ def init_backend(device_target: str, threads_per_rank: int, placement: Placement
         ms.device_context.cpu.op_tuning.threads_num(cpu_threads(threads_per_rank, placement.local_world_size))
     else:
         ms.set_device(device_target, placement.local_rank)
-    if not placement.distributed:
+    if not placement.distributed and placement.launcher != "msrun":  # msrun's scheduler waits for its one worker too
         return placement
     init()
     placement = replace(placement, rank=get_rank(), world_size=get_group_size())
     if data_parallel:
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                      device_num=placement.world_size)
+        if device_target != "CPU":  # per-parameter gradients (Backend.flat_optimizer): fused in 64 MB buckets
+            ms.set_auto_parallel_context(comm_fusion={"allreduce": {"mode": "auto", "config": None}})
     return placement

@@ -15,12 +15,16 @@ from pathlib import Path
 
 from vit_dist import __version__, bootstrap
 from vit_dist.host.checkpoint_files import evaluation_checkpoint, missing_checkpoint, require_ema
-from vit_dist.host.config import AUTO_DEVICE, Config, compile_cache_dir, load_config, validate
+from vit_dist.host.config import AUTO_DEVICE, Config, compile_cache_dir, dump_yaml, load_config, validate
 from vit_dist.host.errors import EXIT_USER_ERROR, ConfigError, UserError
 from vit_dist.host.placement import Placement
 from vit_dist.host.preflight import preflight, prepare_run_dir, resolve_run_dir
 from vit_dist.host.private import private_folder
+from vit_dist.host.progress import Progress
 from vit_dist.host.run_record import CLASSES_FILE, CONFIG_FILE, RunRecord, remove_unstarted_run_dir, say
+from vit_dist.host.shipped_configs import config_path, describe, shipped
+
+CONFIG_HELP = "YAML config file, or a shipped config's name (vit-dist config list)"
 
 
 @contextmanager
@@ -205,7 +209,7 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.config is None and not args.peak:
-        raise ConfigError("vit-dist bench needs a CONFIG (e.g. configs/bench/vit_32px.yaml), or --peak")
+        raise ConfigError("vit-dist bench needs a CONFIG (e.g. bench/vit_32px, a shipped config), or --peak")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cfg = load_config(args.config, args.set)  # --peak without a config measures the device auto finds
@@ -315,6 +319,21 @@ def cmd_rank_table(args) -> int:
     return rank_table_main(args.args)
 
 
+def cmd_config_list(args) -> int:
+    configs = shipped()
+    width = max(map(len, configs))
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    """The file as shipped, comments and all; with --set, the resolved config (every key) instead."""
+    path = config_path(args.name)
+    print(dump_yaml(load_config(path, args.set)) if args.set else path.read_text(), end="")
+    return 0
+
+
 def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="bench: timed steps (with --data: timed batches)")
     p.add_argument("--warmup", type=int, default=3, help="bench: untimed steps after the first (compiling) one")
@@ -330,7 +349,6 @@ def add_ema_option(p: argparse.ArgumentParser) -> None:
 
 def cmd_import_weights(args) -> int:
     from vit_dist.host.atomic import write_atomic
-    from vit_dist.host.config import dump_yaml, validate
     from vit_dist.tools import weights
 
     if Path(args.out).suffix != ".safetensors":  # a .ckpt would hold bytes MindSpore's .ckpt reader cannot read
@@ -338,14 +356,19 @@ def cmd_import_weights(args) -> int:
                           "with mindspore.load_checkpoint(path, format='safetensors'))")
     if (args.base or args.set) and not args.config_out:
         raise ConfigError("--base and --set shape the --config-out file; add --config-out F.yaml")
-    imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads, image_size=args.image_size,
-                                      num_classes=args.num_classes, drop_head=args.drop_head, seed=args.seed)
-    if args.config_out:  # built and validated before anything is written
-        cfg = load_config(args.base, args.set)
-        weights.apply_to_config(cfg, imported, Path(args.out))
-        validate(cfg)
-        text = dump_yaml(cfg)
-    out = weights.save_imported(imported, args.out, args.source)
+    # Steps (read and convert, write): each is one library call on the whole file.
+    with Progress(2, f"importing {args.src}", "steps") as progress:
+        imported = weights.import_weights(args.src, args.source, num_heads=args.num_heads,
+                                          image_size=args.image_size, num_classes=args.num_classes,
+                                          drop_head=args.drop_head, seed=args.seed)
+        progress.advance()
+        if args.config_out:  # built and validated before anything is written
+            cfg = load_config(args.base, args.set)
+            weights.apply_to_config(cfg, imported, Path(args.out))
+            validate(cfg)
+            text = dump_yaml(cfg)
+        out = weights.save_imported(imported, args.out, args.source)
+        progress.advance()
     weights.report(imported, lambda line: print(line, file=sys.stderr))
     print(f"{weights.describe(imported)}; wrote {len(imported.params)} tensors to {out}")
     if imported.classes:  # where infer looks first
@@ -357,6 +380,14 @@ def cmd_import_weights(args) -> int:
     return 0
 
 
+def cmd_export_weights(args) -> int:
+    from vit_dist.tools.export_weights import export_weights
+
+    out, card = export_weights(args.src, args.to, args.out, args.last, args.ema, args.train_config)
+    print(f"{card.describe()}; wrote {out} for {'transformers' if args.to == 'hf' else 'timm'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-dist", description="Distributed ViT training with MindSpore")
     parser.add_argument("--version", action="version", version=f"vit-dist {__version__}")
@@ -364,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", nargs="?", help="YAML config file")  # or after --set: see parse_args
+        p.add_argument("config", nargs="?", help=CONFIG_HELP)  # or after --set: see parse_args
         p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set train.epochs=3 model.depth=6 (repeatable)")
         return p
@@ -394,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="training images/s, compile time, MFU on synthetic batches; "
                                      "--data: the input pipeline alone; --peak: the fp32 MatMul peak")
-    p.add_argument("config", nargs="?", help="YAML config file (configs/bench/*.yaml)")
+    p.add_argument("config", nargs="?", help=f"{CONFIG_HELP} (the shipped bench/*)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.batch_size=32")
     p.add_argument("--peak", action="store_true", help="measure MindSpore's fp32 MatMul GFLOP/s only")
@@ -455,6 +486,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides for the --config-out file, e.g. --set data.root=data/x parallel.device_target=CPU")
     p.set_defaults(func=cmd_import_weights)
+    p = sub.add_parser("export-weights", help="write a run's weights as a folder transformers "
+                                              "(ViTForImageClassification.from_pretrained) or timm "
+                                              "(create_model('local-dir:OUT', pretrained=True)) loads")
+    p.add_argument("src", help="a run directory (its weights/best.safetensors), a weights-only file, or a full "
+                               "checkpoint (with --config, unless it sits in RUN_DIR/checkpoints)")
+    p.add_argument("--to", required=True, choices=("hf", "timm"))
+    p.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    p.add_argument("--last", action="store_true", help="a run directory's last weights instead of its best")
+    add_ema_option(p)
+    # dest: `config` is the positional CONFIG other subcommands must have (parse_args checks it)
+    p.add_argument("--config", dest="train_config", metavar="CONFIG",
+                   help="the config a checkpoint without metadata was trained with")
+    p.set_defaults(func=cmd_export_weights)
+    p = sub.add_parser("config", help="the configs shipped with vit-dist, usable by name wherever a CONFIG goes")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="each shipped config's name and what it is").set_defaults(func=cmd_config_list)
+    p = actions.add_parser("show", help="print a shipped config; with --set, the resolved config with every key")
+    p.add_argument("name", help="a shipped config's name (vit-dist config list) or a YAML file")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides to apply, e.g. --set train.epochs=3")
+    p.set_defaults(func=cmd_config_show)
     p = sub.add_parser("rank-table", help="generate, merge or validate HCCL rank tables", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="vit-dist rank-table --help lists them")
     p.set_defaults(func=cmd_rank_table)
@@ -471,7 +523,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if stray and getattr(args, "config", "") is None and len(stray) == 1:
         args.config, args.set = stray[0], [word for word in overrides if word != stray[0]]
     if getattr(args, "config", "") is None and args.func is not cmd_bench:
-        parser.error(f"vit-dist {args.command} needs a CONFIG (a YAML file, e.g. configs/demo.yaml)")
+        parser.error(f"vit-dist {args.command} needs a CONFIG (a YAML file, or a shipped config's name, e.g. demo)")
     return args
 
 

@@ -1,7 +1,7 @@
-"""What a run takes from its device backend: the layers the model's seam gets, the step signal, and
-what the host thread does once the first step has run. Choices made only for the CPU backend (the
-fused kernels, the sleeping host thread, idle priority, stochastic depth drawn from a saved counter)
-apply there only; on Ascend and GPU the model runs MindSpore's stock layers."""
+"""What a run takes from its device backend: the layers the model's seam gets, the optimizer layout,
+the step signal, and what the host thread does once the first step has run. Choices made only for the CPU backend (the
+fused kernels, the flat optimizer, the sleeping host thread, idle priority, dropout and stochastic
+depth drawn from a saved counter) apply there only; on Ascend and GPU the model runs MindSpore's stock layers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +18,14 @@ class Backend:
     layers: ViTLayers
     fused: bool  # the seam carries the fused CPU kernels
     signal: Optional[object] = None  # backends.cpu.kernels.StepSignal: the host sleeps through a train step
+
+    @property
+    def flat_optimizer(self) -> bool:
+        """Data mode's optimizer layout. On the CPU, FlatAdamW and one all-reduce per parameter group:
+        there kernel launches cost more than their arithmetic. On Ascend and GPU, MindSpore's per-parameter
+        AdamW and DistributedGradReducer, whose all-reduces MindSpore fuses into buckets that start while
+        the backward pass still runs, and no flat copies of the gradients and parameters."""
+        return self.device_target == "CPU"
 
     def after_first_step(self) -> None:
         """Called once the first step (and with it the kernel threads) exists."""

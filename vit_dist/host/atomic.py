@@ -4,6 +4,7 @@ target. A reader or a crash sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,27 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yields a fresh private folder beside `path` to fill; on success its files are fsync'd, it takes
+    the user's permissions and is renamed to `path`, which must not exist (no folder replaces another
+    in one step, so callers refuse an existing one first); on failure it is removed."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for written in tmp.iterdir():
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(written, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

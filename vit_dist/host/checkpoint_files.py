@@ -178,9 +178,17 @@ def holds_ema(path: str | Path) -> bool:
 
 def require_ema(path: str | Path) -> None:
     """--ema's check: one CheckpointError unless the checkpoint holds EMA weights."""
-    if not holds_ema(path):
-        raise CheckpointError(f"checkpoint {path} holds no EMA weights (ema.* tensors: written with "
-                              "train.ema_decay 0); leave out --ema")
+    if holds_ema(path):
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        kind = (f.metadata() or {}).get("weights")
+    if kind is not None:  # a weights-only file (host.weights_only): "model" or "ema"
+        raise CheckpointError(f"{path} is a weights-only file of one set of weights (metadata: weights {kind}); "
+                              "leave out --ema")
+    raise CheckpointError(f"checkpoint {path} holds no EMA weights (ema.* tensors: written with "
+                          "train.ema_decay 0); leave out --ema")
 
 
 def head_classes(path: str | Path) -> int:

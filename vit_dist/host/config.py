@@ -7,7 +7,6 @@ This module must not import MindSpore: the launchers call it in a pre-flight ste
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -20,8 +19,9 @@ from typing import Any, Optional
 
 import yaml
 
-from vit_dist.host.errors import ConfigError
+from vit_dist.host.errors import ConfigError, did_you_mean
 from vit_dist.host.rand_augment import parse_rand_augment
+from vit_dist.host.shipped_configs import config_path
 from vit_dist.models.spec import VIT_VARIANTS
 
 # parallel.device_target auto: the first of these that MindSpore can load (bootstrap.resolve_device_target).
@@ -36,8 +36,9 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 PARALLEL_MODES = ("data", "semi_auto")
 # semi_auto: the classifier replicated (data) or its classes split over the model-parallel ranks (model).
 HEAD_LAYOUTS = ("data", "model")
-# MindSpore 2.10 refuses semi_auto_parallel on the CPU backend ("Invalid communication backend").
-SEMI_AUTO_TARGETS = ("Ascend", "GPU")
+# MindSpore 2.10 documents AutoParallel and GradAccumulation for Ascend only, and refuses
+# semi_auto_parallel on the CPU backend ("Invalid communication backend").
+SEMI_AUTO_TARGETS = ("Ascend",)
 
 
 @dataclass
@@ -125,7 +126,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "data"  # data | semi_auto (operator-level model parallel: Ascend/GPU only)
+    mode: str = "data"  # data | semi_auto (operator-level model parallel: Ascend only)
     model_parallel: int = 1  # mp: ranks each layer is split over (semi_auto); data-parallel degree dp = world / mp
     optimizer_shard: bool = False  # semi_auto: optimizer state and update sharded over the dp ranks
     grad_accumulation: int = 1  # micro-batches of train.batch_size per update; global batch = batch_size * dp * this
@@ -164,12 +165,13 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Reads a YAML file (or the defaults when path is None), applies `key=value` overrides,
-    fills variant widths and validates."""
+    """Reads a YAML file or shipped config (shipped_configs.config_path; the defaults when path is
+    None), applies `key=value` overrides, fills variant widths and validates."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        source = str(path)
+        source = str(path)  # as the user named it
+        path = config_path(path)
         try:
             text = Path(path).read_text()
         except OSError as err:
@@ -230,10 +232,7 @@ def _build(cls, raw: Any, prefix: str, source: str):
 
 
 def _suggest(key: str, fields: dict, prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    return f"; valid keys: {', '.join(prefix + f for f in fields)}"
+    return did_you_mean(key, fields, prefix) or f"; valid keys: {', '.join(prefix + f for f in fields)}"
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -414,12 +413,15 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.optimizer_shard slices gradients in ways known only when MindSpore compiles, so "
                           "their global norm cannot be formed for clipping; set train.grad_clip_norm=0 with it, or "
                           "parallel.optimizer_shard=false")
+    if cfg.train.compile_cache is not None:
+        raise ConfigError("train.compile_cache is not for parallel.mode=semi_auto: a cached graph skips writing the "
+                          "strategy file the checkpoint merge needs; set train.compile_cache=null")
     if cfg.train.resume is not None:
         raise ConfigError("train.resume is not built for parallel.mode=semi_auto (its slices load only into a "
                           "compiled parallel graph); start without train.resume")
     if p.device_target not in (*SEMI_AUTO_TARGETS, AUTO_DEVICE):
-        raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend or GPU: MindSpore 2.10 "
-                          f"refuses semi-auto-parallel on {p.device_target}; use parallel.mode=data there")
+        raise ConfigError(f"parallel.mode semi_auto needs parallel.device_target Ascend: MindSpore 2.10 supports "
+                          f"semi-auto-parallel there only, not on {p.device_target}; use parallel.mode=data there")
     # embed_dim = num_heads * head_dim, so heads divisible by mp makes the hidden size divisible too.
     for key, size in [("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim)]:
         if size % p.model_parallel:

@@ -223,11 +223,11 @@ class DataScan:
                 "bad": {"train": [list(b) for b in self.train.bad], "val": [list(b) for b in self.val.bad]}}
 
 
-def check_images(split: Split, cache: Path) -> Split:
+def check_images(split: Split, cache: Path, show: bool = False) -> Split:
     """The split with every file the decoder would fail on marked bad, with the reason (answers kept in
-    the user's cache folder `cache`)."""
+    the user's cache folder `cache`; progress on stderr if `show`)."""
     candidates = [i for i in range(len(split.files)) if i not in split.hidden]
-    problems = find_problems(split.path, [split.files[i] for i in candidates], cache)
+    problems = find_problems(split.path, [split.files[i] for i in candidates], cache, show=show)
     return dataclasses.replace(split, bad=tuple((candidates[j], reason) for j, reason in problems.items()))
 
 
@@ -236,10 +236,11 @@ def _listing_digest(root: Path, train: Split, val: Split) -> str:
     return hashlib.sha256(b"\n".join(listing)).hexdigest()
 
 
-def scan_and_check(cfg: DataConfig, cache: Path, record: dict | None = None) -> DataScan:
+def scan_and_check(cfg: DataConfig, cache: Path, record: dict | None = None, show: bool = False) -> DataScan:
     """Lists both splits and refuses, in one line, what stops training (a class mismatch, an empty
     split, a name MindSpore cannot take) before the slow part; then finds the bad images, or takes
-    them from a record (DataScan.record) of the same file listing; then refuses a split with no good image."""
+    them from a record (DataScan.record) of the same file listing (progress on stderr if `show`); then
+    refuses a split with no good image."""
     root = Path(cfg.root)
     train, val = scan_split(root, "train"), scan_split(root, "val")
     _refuse(_structure_problems(train, val))
@@ -249,7 +250,7 @@ def scan_and_check(cfg: DataConfig, cache: Path, record: dict | None = None) -> 
         scan = DataScan(dataclasses.replace(train, bad=bad["train"]), dataclasses.replace(val, bad=bad["val"]),
                         classes, digest, fresh=False)
     else:
-        scan = DataScan(check_images(train, cache), check_images(val, cache), classes, digest, fresh=True)
+        scan = DataScan(check_images(train, cache, show), check_images(val, cache, show), classes, digest, fresh=True)
     _refuse(split_problems(scan.train) + split_problems(scan.val))
     return scan
 
@@ -265,11 +266,11 @@ class Survey:
 
 
 def survey(root: Path, cache: Path) -> Survey:
-    """Every problem of data.root at once: nothing here stops at the first."""
+    """Every problem of data.root at once: nothing here stops at the first. Progress goes to stderr."""
     splits, problems = [], []
     for name in ("train", "val"):
         try:
-            splits.append(check_images(scan_split(root, name), cache))
+            splits.append(check_images(scan_split(root, name), cache, show=True))
         except DataError as err:  # a missing split: say so, and check the other
             if not root.is_dir():
                 raise

@@ -1,7 +1,15 @@
 """User errors: each one line that names the problem and the fix. The CLI prints it once (rank 0)
 and exits with EXIT_USER_ERROR, whatever the subcommand."""
 
+import difflib
+
 EXIT_USER_ERROR = 2
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """The hint ` (did you mean 'PREFIX<closest>'?)` for the choice closest to word; '' if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 class UserError(Exception):

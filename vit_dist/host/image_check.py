@@ -26,6 +26,7 @@ from PIL import Image
 from vit_dist.host.atomic import write_atomic
 from vit_dist.host.errors import OutputError
 from vit_dist.host.private import private_folder
+from vit_dist.host.progress import Progress
 
 # PIL's names for what MindSpore's Decode reads (MPO: a camera JPEG with extra pictures appended).
 DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF"}
@@ -140,9 +141,11 @@ def _serve() -> None:
             answers.flush()
 
 
-def check_in_children(paths: list[Path], workers: int | None = None) -> list[str | None]:
+def check_in_children(paths: list[Path], workers: int | None = None,
+                      progress: Progress | None = None) -> list[str | None]:
     """problem() of every path, decoded in up to `workers` child processes (default: this process's
-    cores). A worker that dies is replaced; the file it was decoding is reported as CRASHED."""
+    cores), advancing `progress` per file. A worker that dies is replaced; the file it was decoding is
+    reported as CRASHED."""
     answers: list[str | None] = [None] * len(paths)
     pending = [list(range(start, min(start + CHUNK, len(paths)))) for start in range(0, len(paths), CHUNK)]
     pending.reverse()  # popped from the end: files are checked in order
@@ -156,7 +159,9 @@ def check_in_children(paths: list[Path], workers: int | None = None) -> list[str
                 running[worker.process.stdout.fileno()] = worker
             ready, _, _ = select.select(list(running), [], [])
             for fd in ready:
-                _collect(running, fd, pending, paths, answers)
+                answered = _collect(running, fd, pending, paths, answers)
+                if progress is not None:
+                    progress.advance(answered)
     finally:
         for worker in running.values():
             worker.close()
@@ -164,9 +169,10 @@ def check_in_children(paths: list[Path], workers: int | None = None) -> list[str
 
 
 def _collect(running: dict[int, _Worker], fd: int, pending: list[list[int]], paths: list[Path],
-             answers: list[str | None]) -> None:
+             answers: list[str | None]) -> int:
     """Takes a worker's answers; gives it the next chunk when it has answered all of its own; on its
-    death marks the file it was on CRASHED and puts the rest of its chunk back."""
+    death marks the file it was on CRASHED and puts the rest of its chunk back. Returns how many files
+    it answered for."""
     worker = running[fd]
     received = worker.read()
     if received is None:
@@ -175,11 +181,12 @@ def _collect(running: dict[int, _Worker], fd: int, pending: list[list[int]], pat
         if worker.process.returncode > 0:  # Python itself failed (not a signal): no file is to blame
             raise RuntimeError(f"the image check's worker exited with status {worker.process.returncode}; "
                                "its error is above")
-        if worker.chunk:
-            answers[worker.chunk[0]] = CRASHED
-            if worker.chunk[1:]:
-                pending.append(worker.chunk[1:])
-        return
+        if not worker.chunk:
+            return 0
+        answers[worker.chunk[0]] = CRASHED
+        if worker.chunk[1:]:
+            pending.append(worker.chunk[1:])
+        return 1
     for answer in received:
         answers[worker.chunk.pop(0)] = answer
     if not worker.chunk:
@@ -188,6 +195,7 @@ def _collect(running: dict[int, _Worker], fd: int, pending: list[list[int]], pat
         else:
             del running[fd]
             worker.close()
+    return len(received)
 
 
 def _cache_file(folder: Path, cache: Path) -> Path:
@@ -225,10 +233,12 @@ def _write_cache(path: Path, entries: dict[str, list]) -> None:
                           "space or set XDG_CACHE_HOME to another folder of your own") from None
 
 
-def find_problems(folder: Path, names: list[str], cache: Path, workers: int | None = None) -> dict[int, str]:
+def find_problems(folder: Path, names: list[str], cache: Path, workers: int | None = None,
+                  show: bool = False) -> dict[int, str]:
     """{index in names: reason} for every file folder/name the decoder would fail on. Files unchanged
     since a previous check (same size, mtime_ns and inode, same checker) are answered from the cache;
-    the others are decoded in child processes, and the cache is rewritten with the answers."""
+    the others are decoded in child processes (with progress on stderr if `show`), and the cache is
+    rewritten with the answers."""
     cache_path = _cache_file(folder, cache)
     cached = _read_cache(cache_path)
     identities = [_identity(folder / name) for name in names]
@@ -238,7 +248,9 @@ def find_problems(folder: Path, names: list[str], cache: Path, workers: int | No
         if identity is not None and isinstance(entry, list) and len(entry) == 4 and entry[:3] == identity:
             reasons[index] = entry[3]
     unknown = [i for i in range(len(names)) if i not in reasons]
-    decoded = dict(zip(unknown, check_in_children([folder / names[i] for i in unknown], workers) if unknown else []))
+    with Progress(len(unknown), f"checking images in {printable(folder)}", "files", show) as progress:
+        checked = check_in_children([folder / names[i] for i in unknown], workers, progress) if unknown else []
+    decoded = dict(zip(unknown, checked))
     reasons.update(decoded)
     # A crash is not cached: it may have been the machine's (memory, a signal), not the file's.
     entries = {names[i]: identities[i] + [reason] for i, reason in reasons.items()

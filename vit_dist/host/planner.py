@@ -155,8 +155,10 @@ def estimate(dims: ViTSpec, layout: ParallelDims, amp_level: str, optimizer_shar
     params = split // mp + whole
     weight_share = dp if optimizer_shard else 1  # MindSpore's level1 shards weights and optimizer state
     parameter = params * FLOAT32 / weight_share
-    # Data mode packs the gradients into FlatAdamW's flat buffers: both copies are alive while it packs.
-    gradient = params * FLOAT32 * (1 if layout.semi_auto else 2)
+    # Data mode on the CPU packs the gradients into FlatAdamW's flat buffers: both copies are alive while it
+    # packs. On Ascend and GPU (and under semi_auto) the per-parameter AdamW takes them as they are.
+    flat = cpu_fused is not None and not layout.semi_auto
+    gradient = params * FLOAT32 * (2 if flat else 1)
     optimizer = params * FLOAT32 * OPTIMIZER_BUFFERS / weight_share
     activation = activation_bytes(dims, layout.micro_batch, amp_level, mp, recompute)
     runtime = 0 if cpu_fused is None else cpu_runtime_bytes(dims, layout.micro_batch, k, cpu_fused)

@@ -53,9 +53,13 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool, c
     file listing) stands in for decoding every image again; `cache` is the user's cache folder. A training run that does not resume
     must have a run directory of its own. Returns (run directory, scan)."""
     run_dir = resolve_run_dir(cfg)
+    cores = os.cpu_count() or 1
+    if cfg.data.num_workers > cores:  # MindSpore's own refusal comes later, as a traceback
+        raise ConfigError(f"data.num_workers {cfg.data.num_workers} is more than this machine's {cores} cores; "
+                          f"set data.num_workers to at most {cores}")
     if is_main and training and cfg.train.resume is None:
         refuse_used_run_dir(run_dir)
-    scan = datascan.scan_and_check(cfg.data, cache, read_data_check(run_dir) if reuse_record else None)
+    scan = datascan.scan_and_check(cfg.data, cache, read_data_check(run_dir) if reuse_record else None, is_main)
     bad = scan.bad_files()
     if bad and cfg.data.on_bad_image == "error":
         raise DataError(f"{len(bad)} image file(s) the decoder would fail on, the first {bad[0]}; remove them "

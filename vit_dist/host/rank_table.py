@@ -23,6 +23,12 @@ from vit_dist.host.errors import EXIT_USER_ERROR, UserError
 FORMAT_VERSION = "1.0"
 DEFAULT_HCCN_CONF = Path("/etc/hccn.conf")
 MAX_DEVICE_ID = 15  # up to 16 NPUs per server (e.g. Atlas A3); 8-NPU servers use 0-7
+# Server kinds for the device-selection rules (--chip): the Atlas training series (910A, e.g. Atlas 800
+# 9000) joins its 8 NPUs in two HCCS groups, 0-3 and 4-7; Atlas A2 and later (910B...) have no such groups.
+CHIP_910A, CHIP_910B = "910A", "910B"
+HCCS_GROUP = 4  # NPUs per HCCS group on a 910A server
+DEVICES_910A = 2 * HCCS_GROUP
+RANKS_PER_SERVER_910A = (1, 2, 4, 8)
 TOP_KEYS = ("version", "server_count", "server_list", "status")
 SERVER_KEYS = ("server_id", "device")
 DEVICE_KEYS = ("device_id", "device_ip", "rank_id")
@@ -59,6 +65,14 @@ class RankTable:
     def rank_size(self) -> int:
         """Total number of ranks (devices) across all servers."""
         return sum(len(server.devices) for server in self.servers)
+
+    def server_of_rank(self, rank: int) -> Server:
+        """The server that runs ``rank`` (a rank of the table)."""
+        return next(server for server in self.servers if any(d.rank_id == rank for d in server.devices))
+
+    def servers_with_device(self, device_id: int) -> list[Server]:
+        """The servers that list device ``device_id``."""
+        return [server for server in self.servers if any(d.device_id == device_id for d in server.devices)]
 
 
 # --- small value helpers -------------------------------------------------------------
@@ -124,6 +138,31 @@ def parse_devices(spec: str) -> list[int]:
     if repeated:
         raise RankTableError([f"bad --devices {spec!r}: device(s) {repeated} listed twice"])
     return sorted(devices)
+
+
+def parse_visible_devices(spec: str) -> list[int]:
+    """Parse ``4,5,6,7``: the physical ids of the NPUs a container sees, in the order it numbers them 0, 1, ...
+    (as hccl_tools.py's --visible_devices)."""
+    words = [word.strip() for word in spec.split(",")]
+    if not all(_DIGITS.fullmatch(word) and int(word) <= MAX_DEVICE_ID for word in words):
+        raise RankTableError([f"bad --visible-devices {spec!r}: give physical device ids 0-{MAX_DEVICE_ID} "
+                              "separated by commas, e.g. 4,5,6,7"])
+    physical = [int(word) for word in words]
+    if len(set(physical)) != len(physical):
+        raise RankTableError([f"bad --visible-devices {spec!r}: a device is listed twice"])
+    return physical
+
+
+def physical_devices(devices: Sequence[int], visible: Sequence[int] | None) -> list[int]:
+    """The physical ids of ``devices`` numbered as the container sees them (its ``visible`` devices; None:
+    no renumbering)."""
+    if visible is None:
+        return list(devices)
+    hidden = [device for device in devices if device >= len(visible)]
+    if hidden:
+        raise RankTableError([f"--devices {hidden[0]} is not visible: --visible-devices lists {len(visible)} "
+                              f"device(s), which this container numbers 0-{len(visible) - 1}"])
+    return [visible[device] for device in devices]
 
 
 def read_hccn_conf(path: Path) -> dict[int, str]:
@@ -342,6 +381,43 @@ def validate_table(obj: object) -> list[str]:
     return problems + _check_ranks(ranks)
 
 
+def hccs_problems(table: RankTable) -> list[str]:
+    """Device selections HCCL refuses on Atlas training (910A) servers, one message each: a server takes 1, 2, 4
+    or all 8 of its NPUs, 2 or 4 from one HCCS group (0-3 or 4-7), and every server the same number (the
+    HCCL guide's rule for the Atlas training series; hccl_tools.py checks the group part)."""
+    problems = []
+    for index, server in enumerate(table.servers):
+        ids = sorted(device.device_id for device in server.devices)
+        where = f"server_list[{index}] ({server.server_id})"
+        listed = ", ".join(map(str, ids))
+        if ids[-1] >= DEVICES_910A:
+            problems.append(f"{where}: device {ids[-1]} does not exist on a 910A server (devices 0-7)")
+        elif len(ids) not in RANKS_PER_SERVER_910A:
+            problems.append(f"{where}: {len(ids)} devices ({listed}); a 910A server runs 1, 2 or 4 devices of one "
+                            "HCCS group (0-3 or 4-7), or all 8")
+        elif len(ids) < DEVICES_910A and ids[0] // HCCS_GROUP != ids[-1] // HCCS_GROUP:
+            problems.append(f"{where}: devices {listed} span both HCCS groups of a 910A server; use devices within "
+                            "0-3 or within 4-7, or all 8")
+    counts = sorted({len(server.devices) for server in table.servers})
+    if len(counts) > 1:
+        problems.append(f"the servers use {' or '.join(map(str, counts))} devices; on 910A servers every server "
+                        "must use the same number")
+    return problems
+
+
+def check_chip(table: RankTable, chip: str | None, source: str) -> None:
+    """Applies the 910A rules (hccs_problems) as ``chip`` says: refused for 910A, skipped for 910B, and for
+    an unnamed chip each broken rule is a warning on stderr (the table serves Atlas A2 servers as it is)."""
+    if chip == CHIP_910B:
+        return
+    problems = [_at(source, problem) for problem in hccs_problems(table)]
+    if chip == CHIP_910A and problems:
+        raise RankTableError(problems)
+    for problem in problems:
+        print(f"warning: {problem} (fine on Atlas A2/910B servers; say which with --chip {CHIP_910A} or "
+              f"--chip {CHIP_910B})", file=sys.stderr)
+
+
 def load_rank_table(path: str | Path) -> RankTable:
     """Read and validate a rank table file; RankTableError lists all problems, file-prefixed."""
     try:
@@ -370,9 +446,11 @@ def _emit(table: RankTable, out: Path | None) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    visible = None if args.visible_devices is None else parse_visible_devices(args.visible_devices)
+    devices = physical_devices(parse_devices(args.devices), visible)
     hccn_conf = resolve_hccn_conf(args.hccn_conf)
-    table = build_server_table(args.server_ip, parse_devices(args.devices),
-                               read_hccn_conf(hccn_conf), str(hccn_conf))
+    table = build_server_table(args.server_ip, devices, read_hccn_conf(hccn_conf), str(hccn_conf))
+    check_chip(table, args.chip, "")
     _emit(table, args.out)
     return 0
 
@@ -392,6 +470,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     table = load_rank_table(args.table)
+    check_chip(table, args.chip, str(args.table))
     print(f"{args.table}: OK: {len(table.servers)} server(s), {table.rank_size} rank(s)")
     return 0
 
@@ -402,12 +481,27 @@ def _cmd_local_ranks(args: argparse.Namespace) -> int:
         raise RankTableError([f"{args.table}: --server-index {args.server_index} out of range; "
                               f"the table has {len(table.servers)} server(s) (0..{len(table.servers) - 1})"])
     server = table.servers[args.server_index]
+    logical = _logical_ids(server, args)
     print(f"rank_size {table.rank_size}")
     print(f"server_count {len(table.servers)}")
     print(f"server_id {server.server_id}")
     for device in server.devices:
-        print(f"device {device.device_id} {device.rank_id}")
+        print(f"device {device.device_id} {device.rank_id} {logical[device.device_id]}")
     return 0
+
+
+def _logical_ids(server: Server, args: argparse.Namespace) -> dict[int, int]:
+    """Physical device id -> the id this container gives it (its position in --visible-devices)."""
+    ids = [device.device_id for device in server.devices]
+    if args.visible_devices is None:
+        return {device: device for device in ids}
+    visible = parse_visible_devices(args.visible_devices)
+    missing = [device for device in ids if device not in visible]
+    if missing:
+        raise RankTableError([f"{args.table}: device {missing[0]} of server {args.server_index} "
+                              f"({server.server_id}) is not among --visible-devices {args.visible_devices}; "
+                              "list every physical device this container was given, in its order"])
+    return {device: visible.index(device) for device in ids}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--server-ip", required=True, help="IPv4 address of this server")
     gen.add_argument("--hccn-conf", type=Path,
                      help=f"file with address_N=IP lines (default {DEFAULT_HCCN_CONF})")
+    gen.add_argument("--visible-devices", metavar="IDS",
+                     help="in a container: the physical ids of the devices it sees as 0, 1, ..., e.g. 4,5,6,7; "
+                          "--devices then counts from 0 as the container does, the table holds the physical ids")
+    _add_chip_option(gen)
     gen.add_argument("--out", type=Path, help="write here atomically instead of stdout")
     gen.set_defaults(func=_cmd_generate)
 
@@ -431,13 +529,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="report every problem in a table")
     validate.add_argument("table", type=Path, metavar="TABLE")
+    _add_chip_option(validate)
     validate.set_defaults(func=_cmd_validate)
 
     local = sub.add_parser("local-ranks", help="devices and ranks of one server (for launchers)")
     local.add_argument("table", type=Path, metavar="TABLE")
     local.add_argument("--server-index", type=int, default=0, help="position in server_list (default 0)")
+    local.add_argument("--visible-devices", metavar="IDS",
+                       help="as for generate: each device line then ends with the id this container gives it")
     local.set_defaults(func=_cmd_local_ranks)
     return parser
+
+
+def _add_chip_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chip", choices=(CHIP_910A, CHIP_910B),
+                        help=f"{CHIP_910A}: refuse device selections HCCL refuses on Atlas training servers (1, 2 "
+                             f"or 4 devices of one HCCS group 0-3/4-7, or all 8); {CHIP_910B}: Atlas A2 and "
+                             "later, no such rule; unset: warn")
 
 
 def main(argv: list[str]) -> int:

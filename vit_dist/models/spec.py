@@ -54,6 +54,25 @@ class ViTSpec:
                    layer_norm_eps=m.layer_norm_eps, gelu_approximate=m.gelu_approximate)
 
 
+def parameter_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
+    """The model's trainable parameters by name, with their shapes (models/vit.py builds them so):
+    what a weights-only file holds."""
+    d, p, c = spec.embed_dim, spec.patch_size, spec.in_channels
+    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, spec.tokens, d), "patch_embed.proj.weight": (d, c, p, p),
+              "patch_embed.proj.bias": (d,)}
+    for i in range(spec.depth):
+        block = f"blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            shapes.update({f"{block}{norm}.gamma": (d,), f"{block}{norm}.beta": (d,)})
+        for proj in ("query", "key", "value", "out"):
+            shapes.update({f"{block}attn.{proj}.weight": (d, d), f"{block}attn.{proj}.bias": (d,)})
+        shapes.update({f"{block}mlp.fc1.weight": (spec.mlp_dim, d), f"{block}mlp.fc1.bias": (spec.mlp_dim,),
+                       f"{block}mlp.fc2.weight": (d, spec.mlp_dim), f"{block}mlp.fc2.bias": (d,)})
+    shapes.update({"norm.gamma": (d,), "norm.beta": (d,), "head.weight": (spec.num_classes, d),
+                   "head.bias": (spec.num_classes,)})
+    return shapes
+
+
 def forward_flops(spec: ViTSpec) -> int:
     """Forward FLOPs per image, counting a multiply-add as 2; norms, softmax and GELU are ignored."""
     d = spec.embed_dim

@@ -58,6 +58,18 @@ class GELU(nn.Cell):
         return self.half(self.mul(x, cdf), self.one_half.astype(dtype))
 
 
+class TanhGELU(nn.Cell):
+    """GELU's tanh approximation, as nn.GELU(approximate=True) computes it, through a primitive of its
+    own: nn.GELU calls one shared by every caller, which cannot carry a shard strategy per layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gelu = ops.GeLU()
+
+    def construct(self, x):
+        return self.gelu(x)
+
+
 def layer_norm(spec: ViTSpec) -> nn.LayerNorm:
     return nn.LayerNorm((spec.embed_dim,), epsilon=spec.layer_norm_eps)
 
@@ -75,12 +87,13 @@ class DropPath(nn.Cell):
         self.enabled = drop_prob > 0.0
         # Dropout on a per-sample ones mask gives the Bernoulli draw and the 1/keep scaling in one op.
         self.dropout = nn.Dropout(p=drop_prob) if self.enabled else None
+        self.mul = ops.Mul()
 
     def construct(self, x):
         if not self.enabled or not self.training:
             return x
         mask = ops.ones((x.shape[0], 1, 1), x.dtype)
-        return x * self.dropout(mask)
+        return self.mul(x, self.dropout(mask))
 
 
 class PatchEmbed(nn.Cell):
@@ -93,18 +106,20 @@ class PatchEmbed(nn.Cell):
         self.patch_size = spec.patch_size
         c, p = spec.in_channels, spec.patch_size
         self.proj = Linear(c * p * p, spec.embed_dim, weight_shape=(spec.embed_dim, c, p, p))
+        self.to_patches = ops.Transpose()
 
     def construct(self, x):
         b, c, h, w = x.shape
         p = self.patch_size
         # (B, C, H/p, p, W/p, p) -> (B, H/p, W/p, C, p, p): each patch flattened as the kernel is.
-        patches = x.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
+        patches = self.to_patches(x.reshape(b, c, h // p, p, w // p, p), (0, 2, 4, 1, 3, 5))
         return self.proj(patches.reshape(b, (h // p) * (w // p), c * p * p))  # (B, N, D)
 
 
 class Attention(nn.Cell):
     """Multi-head self-attention. Separate q/k/v projections: splitting one fused qkv output costs a
-    strided slice per head group, which is slow on CPU and gains nothing on accelerators."""
+    strided slice per head group, which is slow on CPU and gains nothing on accelerators. Every op but
+    the reshapes is a primitive of this layer's own, so that each can carry a shard strategy."""
 
     def __init__(self, spec: ViTSpec, dropout: Callable[[float], nn.Cell] = dropout):
         super().__init__()
@@ -112,10 +127,14 @@ class Attention(nn.Cell):
         self.num_heads = spec.num_heads
         self.head_dim = dim // spec.num_heads
         self.scale = self.head_dim ** -0.5
+        self.query_scale = Tensor(self.scale, ms.float32)
         self.query = Linear(dim, dim)
         self.key = Linear(dim, dim)
         self.value = Linear(dim, dim)
         self.out = Linear(dim, dim)
+        self.scale_query = ops.Mul()
+        self.split_heads = ops.Transpose()
+        self.merge_heads = ops.Transpose()
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.context = ops.BatchMatMul()
         self.softmax = nn.Softmax(axis=-1)
@@ -123,28 +142,33 @@ class Attention(nn.Cell):
         self.out_drop = dropout(spec.dropout)
 
     def _heads(self, x, b, t):
-        return x.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+        return self.split_heads(x.reshape(b, t, self.num_heads, self.head_dim), (0, 2, 1, 3))  # (B, H, T, hd)
 
     def construct(self, x):
         b, t, d = x.shape
-        q = self._heads(self.query(x) * self.scale, b, t)
+        q = self.query(x)
+        q = self._heads(self.scale_query(q, self.query_scale.astype(q.dtype)), b, t)
         k = self._heads(self.key(x), b, t)
         v = self._heads(self.value(x), b, t)
         weights = self.attn_drop(self.softmax(self.scores(q, k)))
-        context = self.context(weights, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        context = self.merge_heads(self.context(weights, v), (0, 2, 1, 3)).reshape(b, t, d)
         return self.out_drop(self.out(context))
 
 
 class Mlp(nn.Cell):
+    """fc1, GELU, dropout, fc2, dropout. Two dropout layers, as timm's Mlp has: the hidden and the
+    output activation have different shapes (and layouts under semi_auto)."""
+
     def __init__(self, spec: ViTSpec, dropout: Callable[[float], nn.Cell] = dropout):
         super().__init__()
         self.fc1 = Linear(spec.embed_dim, spec.mlp_dim)
-        self.act = nn.GELU(approximate=True) if spec.gelu_approximate else GELU()
+        self.act = TanhGELU() if spec.gelu_approximate else GELU()
+        self.drop1 = dropout(spec.dropout)
         self.fc2 = Linear(spec.mlp_dim, spec.embed_dim)
-        self.drop = dropout(spec.dropout)
+        self.drop2 = dropout(spec.dropout)
 
     def construct(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 @dataclass(frozen=True)
@@ -168,10 +192,12 @@ class Block(nn.Cell):
         self.norm2 = layers.norm(spec)
         self.mlp = layers.mlp(spec, layers.dropout)
         self.drop_path = layers.drop_path(drop_path)
+        self.add_attention = ops.Add()  # the residual adds: primitives of their own, for shard strategies
+        self.add_mlp = ops.Add()
 
     def construct(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.add_attention(x, self.drop_path(self.attn(self.norm1(x))))
+        return self.add_mlp(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
 class VisionTransformer(nn.Cell):
@@ -188,11 +214,13 @@ class VisionTransformer(nn.Cell):
         self.blocks = nn.SequentialCell([Block(spec, rate, layers) for rate in rates])
         self.norm = layers.norm(spec)
         self.head = Linear(spec.embed_dim, spec.num_classes)
+        self.prepend_class_token = ops.Concat(axis=1)
+        self.add_position = ops.Add()
 
     def construct(self, x):
         x = self.patch_embed(x)
         cls = ops.broadcast_to(self.cls_token, (x.shape[0], -1, -1)).astype(x.dtype)
-        x = ops.concat((cls, x), 1) + self.pos_embed.astype(x.dtype)
+        x = self.add_position(self.prepend_class_token((cls, x)), self.pos_embed.astype(x.dtype))
         x = self.norm(self.blocks(self.pos_drop(x)))
         return self.head(x[:, 0])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir, read_manifest, verified
 from vit_dist.host.errors import CheckpointError
+from vit_dist.host.progress import Progress
 
 RANK_DIR = re.compile(r"rank_(\d+)")
 MERGED_NAME = "merged"
@@ -67,18 +68,23 @@ def merge(run_dir: Path, strategy: Path | None = None) -> Path:
                               "first step compiles")
     step_name = next(iter(slices.values())).name
     target = checkpoint_dir(run_dir) / f"{MERGED_NAME}_{step_name}"
-    with tempfile.TemporaryDirectory(dir=checkpoint_dir(run_dir)) as staging:
+    # Steps, not tensors: MindSpore's transform is one call that reports nothing while it runs.
+    with tempfile.TemporaryDirectory(dir=checkpoint_dir(run_dir)) as staging, \
+            Progress(3, f"merging {len(slices)} ranks' slices", "steps") as progress:
         # transform_checkpoints takes the last file of each src/rank_N/: stage exactly one per rank.
         src, dst = Path(staging) / "src", Path(staging) / "dst"
         for rank, path in slices.items():
             (src / f"rank_{rank}").mkdir(parents=True)
             (src / f"rank_{rank}" / path.name).symlink_to(path.resolve())
+        progress.advance()
         try:
             ms.parallel.transform_checkpoints(str(src), str(dst), MERGED_NAME, str(strategy), None,
                                               output_format="safetensors")
         except (ValueError, RuntimeError, KeyError) as err:
             raise CheckpointError(f"cannot merge the slices of {checkpoint_dir(run_dir)} with {strategy}: "
                                   f"{' '.join(str(err).split())[:300]}") from None
+        progress.advance()
         (merged,) = (dst / "rank_0").glob(f"*{SUFFIX}")
         shutil.move(str(merged), target)
+        progress.advance()
     return target

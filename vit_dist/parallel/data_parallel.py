@@ -8,13 +8,18 @@ import numpy as np
 from vit_dist.host.placement import Placement
 
 
-def gradient_reducer(placement: Placement) -> Callable:
-    """Averages a tuple of gradients over all ranks, one all-reduce per tensor (identity on one
-    device): given the optimizer's flat gradients, one all-reduce per weight-decay group. Call inside
-    the jitted step."""
+def gradient_reducer(placement: Placement, parameters=None) -> Callable:
+    """Averages a tuple of gradients over all ranks (identity on one device). Given the optimizer's flat
+    gradients, one all-reduce per parameter group. Given the parameters whose gradients it gets, one
+    per parameter, by MindSpore's DistributedGradReducer: MindSpore fuses them into buckets
+    (bootstrap.init_backend's comm_fusion), each started once its gradients exist. Call inside the
+    jitted step."""
     if not placement.distributed:
         return lambda grads: grads
-    from mindspore import ops
+    from mindspore import nn, ops
+
+    if parameters is not None:
+        return nn.DistributedGradReducer(parameters, mean=True, degree=placement.world_size)
 
     all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
     world_size = placement.world_size

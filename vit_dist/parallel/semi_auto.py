@@ -3,8 +3,7 @@
 The model file stays pure: this module attaches `Primitive.shard` strategies to the primitives of the
 layers the model's seam (models.vit.ViTLayers) built, looked up by the layer's type: a backend layer
 with no strategies here is refused in one line. Device matrix (dp, mp): the batch (or batch x
-tokens) axis splits over dp, heads and hidden units over mp. Ops given no strategy (reshapes,
-residual adds, the attention scale) take MindSpore's default data-parallel one.
+tokens) axis splits over dp, heads and hidden units over mp.
 
 The model's Linear holds its weight as (out, in) and multiplies with transpose_b, as nn.Dense does,
 so strategies name the weight's axes in that order: column-parallel splits `out` ((dp,1),(mp,1)),
@@ -13,13 +12,17 @@ row-parallel splits `in` ((dp,mp),(1,mp)) and MindSpore all-reduces the partial 
 A strategy has one entry per input and one number per input axis, as the primitive receives it:
 Linear's matmul and bias add see 2-D (batch x tokens, features); LayerNorm and GELU see the 3-D
 (batch, tokens, features) activation; attention's BatchMatMuls and softmax see (batch, heads, tokens, .).
+Every primitive of the model carries a strategy, the residual adds, transposes, dropouts and the
+embedding's ops included: an op left without one would take MindSpore's default batch split over all
+devices and redistribute the activation around it. Left to MindSpore: reshapes (their layout follows
+their input), the class token's broadcast and the head's class-token slice (once per step).
 tests/test_semi_auto.py checks every strategy against the shapes a real forward pass feeds it.
 
 The optimizer side of the step (clipping, the overflow check, AdamW) is outside MindSpore's parallel
 pass: it runs on each rank's local slices. apply_strategies therefore marks each Parameter with the
 number of slices mp cuts it into, and sliced_global_norm adds the slices' squares up across ranks.
 
-MindSpore 2.10 runs this only on Ascend/GPU; config.validate refuses semi_auto elsewhere.
+MindSpore 2.10 documents AutoParallel for Ascend only; config.validate refuses semi_auto elsewhere.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from mindspore import Parameter, nn, ops
 
 from vit_dist.host.config import ParallelConfig
 from vit_dist.host.errors import ConfigError
-from vit_dist.models.vit import Attention, Linear, Mlp
+from vit_dist.models.vit import GELU, Attention, DropPath, Linear, Mlp, TanhGELU
 
 
 def dense_strategies(layout: str, dp: int, mp: int) -> dict[str, tuple]:
@@ -44,71 +47,109 @@ def dense_strategies(layout: str, dp: int, mp: int) -> dict[str, tuple]:
     }[layout]
 
 
-def norm_strategies(dp: int, mp: int) -> dict[str, dict[str, tuple]]:
+def norm_strategies(dp: int, mp: int, layer) -> dict[str, dict[str, tuple]]:
     return {"": {"layer_norm": ((dp, 1, 1), (1,), (1,))}}
 
 
-def attention_strategies(dp: int, mp: int) -> dict[str, dict[str, tuple]]:
-    """Child path inside the stock Attention -> {primitive attribute: strategy}."""
+def dropout_strategy(layout: tuple) -> dict[str, tuple]:
+    """nn.Dropout's primitive on an activation of that layout."""
+    return {"dropout": (layout,)}
+
+
+def attention_strategies(dp: int, mp: int, layer) -> dict[str, dict[str, tuple]]:
+    """Child path inside the stock Attention -> {primitive attribute: strategy}. The q/k/v outputs are
+    (batch, tokens, dim) with dim over mp; the reshape to (batch, tokens, heads, head_dim) puts the
+    heads over mp, and the transposes move them to axis 1 and back."""
     heads = (dp, mp, 1, 1)  # (batch, heads, tokens, head_dim)
     return {
         "query": dense_strategies("column", dp, mp),
         "key": dense_strategies("column", dp, mp),
         "value": dense_strategies("column", dp, mp),
-        "": {"scores": (heads, heads), "context": (heads, heads)},
+        "": {"scale_query": ((dp, 1, mp), ()), "split_heads": ((dp, 1, mp, 1),), "scores": (heads, heads),
+             "context": (heads, heads), "merge_heads": (heads,)},
         "softmax": {"softmax": (heads,)},
+        "attn_drop": dropout_strategy(heads),
         "out": dense_strategies("row", dp, mp),
+        "out_drop": dropout_strategy((dp, 1, 1)),
     }
 
 
-def mlp_strategies(dp: int, mp: int) -> dict[str, dict[str, tuple]]:
-    """Child path inside the stock Mlp -> {primitive attribute: strategy}. The tanh GELU
-    (model.gelu_approximate) is nn.GELU, with no primitive of its own to carry one: MindSpore gives it
-    the default data-parallel strategy."""
-    return {"fc1": dense_strategies("column", dp, mp), "act": gelu_strategies((dp, 1, mp)),
-            "fc2": dense_strategies("row", dp, mp)}
+def mlp_strategies(dp: int, mp: int, layer) -> dict[str, dict[str, tuple]]:
+    """Child path inside the stock Mlp -> {primitive attribute: strategy}: fc1's (batch, tokens, hidden)
+    output, hidden over mp, through the GELU and the first dropout to fc2."""
+    hidden = (dp, 1, mp)
+    return {"fc1": dense_strategies("column", dp, mp), "act": ACTIVATIONS[type(layer.act)](hidden),
+            "drop1": dropout_strategy(hidden), "fc2": dense_strategies("row", dp, mp),
+            "drop2": dropout_strategy((dp, 1, 1))}
 
 
 def gelu_strategies(hidden: tuple) -> dict[str, tuple]:
-    """The exact GELU's primitives: the activation's layout throughout (fc1's (batch, tokens, hidden)
-    output, hidden split over mp), the 0-d scalars replicated."""
+    """The exact GELU's primitives: the activation's layout throughout, the 0-d scalars replicated."""
     return {"scale_in": (hidden, ()), "erf": (hidden,), "add_one": (hidden, ()), "mul": (hidden, hidden),
             "half": (hidden, ())}
 
 
+ACTIVATIONS = {GELU: gelu_strategies, TanhGELU: lambda hidden: {"gelu": (hidden,)}}
 # The seam's stock layer types -> their strategies (exact types: a subclass may compute otherwise).
 SEAM_STRATEGIES = {nn.LayerNorm: norm_strategies, Attention: attention_strategies, Mlp: mlp_strategies}
 
 
 def apply_strategies(net, dp: int, mp: int, head: str = "data"):
-    """Sets the (dp, mp) strategies on a built VisionTransformer in place and returns it."""
+    """Sets the (dp, mp) strategies on every primitive of a built VisionTransformer, in place, and
+    returns it. Between the sharded layers the activation is (batch, tokens, dim) with the batch over
+    dp, replicated over mp: the residual adds, drop path, dropout and the embedding ops keep it."""
+    tokens = (dp, 1, 1)
     for block in net.blocks:
         for layer in (block.norm1, block.attn, block.norm2, block.mlp):
             _shard(layer, dp, mp)
+        block.add_attention.shard((tokens, tokens))
+        block.add_mlp.shard((tokens, tokens))
+        _shard_drop_path(block.drop_path, tokens)
     _shard(net.norm, dp, mp)
+    net.patch_embed.to_patches.shard(((dp, 1, 1, 1, 1, 1),))  # (batch, rows, p, cols, p, channels)
     _shard_linear(net.patch_embed.proj, dense_strategies("data", dp, mp))
+    net.prepend_class_token.shard((tokens, tokens))
+    net.add_position.shard((tokens, (1, 1, 1)))
+    _shard_cell(net.pos_drop, dropout_strategy(tokens))
     _shard_linear(net.head, dense_strategies("column" if head == "model" else "data", dp, mp))
     return net
 
 
 def _shard(layer, dp: int, mp: int) -> None:
     strategies = SEAM_STRATEGIES.get(type(layer))
-    if strategies is None:
-        raise ConfigError(f"parallel.mode=semi_auto has no shard strategies for the layer {type(layer).__name__}; "
-                          "use MindSpore's stock layers (parallel.fused_cpu_kernels=false) or parallel.mode=data")
+    if strategies is None or (isinstance(layer, Mlp) and type(layer.act) not in ACTIVATIONS):
+        raise _unsupported(layer if strategies is None else layer.act)
     cells = dict(layer.cells_and_names())
-    for path, prims in strategies(dp, mp).items():
+    for path, prims in strategies(dp, mp, layer).items():
         cell = cells[path]
-        if isinstance(cell, nn.GELU):  # the tanh GELU: see mlp_strategies
-            continue
         if isinstance(cell, Linear):
             _shard_linear(cell, prims)
             continue
-        for attr, strategy in prims.items():
-            getattr(cell, attr).shard(strategy)
+        _shard_cell(cell, prims)
         if isinstance(cell, nn.LayerNorm):  # (x, gamma, beta)
             _mark_split(cell.gamma, prims["layer_norm"][1])
             _mark_split(cell.beta, prims["layer_norm"][2])
+
+
+def _shard_cell(cell, prims: dict[str, tuple]) -> None:
+    for attr, strategy in prims.items():
+        primitive = getattr(cell, attr, None)
+        if primitive is None:  # e.g. another dropout layer than nn.Dropout
+            raise _unsupported(cell)
+        primitive.shard(strategy)
+
+
+def _shard_drop_path(drop_path, tokens: tuple) -> None:
+    if type(drop_path) is not DropPath:
+        raise _unsupported(drop_path)
+    drop_path.mul.shard((tokens, tokens))
+    if drop_path.enabled:  # its dropout draws the (batch, 1, 1) mask
+        _shard_cell(drop_path.dropout, dropout_strategy(tokens))
+
+
+def _unsupported(layer) -> ConfigError:
+    return ConfigError(f"parallel.mode=semi_auto has no shard strategies for the layer {type(layer).__name__}; "
+                       "use MindSpore's stock layers (parallel.fused_cpu_kernels=false) or parallel.mode=data")
 
 
 def _shard_linear(linear: Linear, strategies: dict[str, tuple]) -> None:

@@ -46,13 +46,18 @@ def check_images(paths: list[Path]) -> None:
 
 
 def class_names(checkpoint: str | Path, num_classes: int) -> list[str]:
+    return known_class_names(checkpoint, num_classes) or [str(i) for i in range(num_classes)]
+
+
+def known_class_names(checkpoint: str | Path, num_classes: int) -> Optional[list[str]]:
+    """The names in classes.json beside the checkpoint or in its run directory, if they are num_classes."""
     for folder in (Path(checkpoint).parent, Path(checkpoint).parent.parent):
         path = folder / CLASSES_FILE
         if path.is_file():
             names = json.loads(path.read_text())
             if isinstance(names, list) and len(names) == num_classes:
                 return [str(n) for n in names]
-    return [str(i) for i in range(num_classes)]
+    return None
 
 
 def preprocess(paths: list[Path], cfg: Config) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit_dist.host.atomic import atomic_path
+from vit_dist.host.atomic import write_atomic
 from vit_dist.host.errors import CheckpointError
 from vit_dist.models.spec import VIT_VARIANTS, standard_heads
 from vit_dist.tools import source_preprocessing
@@ -77,7 +77,9 @@ MINDCV_NAMES = [
     (r"head\.classifier", "head"),
 ]
 # LayerNorm parameters are gamma/beta in MindSpore, weight/bias in PyTorch.
+NORM_NAMES = {"weight": "gamma", "bias": "beta"}
 NORM_PARAM = re.compile(r"^(blocks\.\d+\.norm[12]|norm)\.(weight|bias)$")
+OUR_NORM_PARAM = re.compile(r"^(blocks\.\d+\.norm[12]|norm)\.(gamma|beta)$")
 
 
 @dataclass
@@ -173,7 +175,8 @@ def _from_timm(src: Path, num_heads: Optional[int]) -> Imported:
     config = _read_json(src.parent / "config.json") or {}
     imported = Imported(params, 0, _grid_image_size(params), 1e-6, False, classes=config.get("label_names"))
     imported.preprocessing = _timm_preprocessing(config, src.parent / "config.json", imported.notes)
-    imported.num_heads = num_heads or _heads_from_name(config.get("architecture", "")) or _standard_heads(imported)
+    imported.num_heads = (num_heads or (config.get("model_args") or {}).get("num_heads")
+                          or _heads_from_name(config.get("architecture", "")) or _standard_heads(imported))
     return imported
 
 
@@ -281,7 +284,7 @@ def _rename(state: dict[str, np.ndarray], table: list[tuple[str, str]], src: Pat
             match = re.match(pattern + r"(?=\.|$)", name)
             if match:
                 ours = match.expand(target) + name[match.end():]
-                params[NORM_PARAM.sub(lambda m: f"{m[1]}.{'gamma' if m[2] == 'weight' else 'beta'}", ours)] = \
+                params[NORM_PARAM.sub(lambda m: f"{m[1]}.{NORM_NAMES[m[2]]}", ours)] = \
                     np.asarray(value, np.float32)
                 break
         else:
@@ -303,6 +306,60 @@ def _split_qkv(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[name] = value
     if any(name.endswith("attn.query.weight") for name in out) and not any(n.endswith("attn.query.bias") for n in out):
         _zero_qkv_bias(out)
+    return out
+
+
+def to_source(params: dict[str, np.ndarray], table: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Our names -> a source's: the inverse of _rename by the same table (its first entry that can
+    produce a name wins, as on import), LayerNorm gamma/beta back to weight/bias. Fused qkv and a
+    model prefix are the caller's."""
+    torch_names = {v: k for k, v in NORM_NAMES.items()}
+    inverse = [entry for entry in map(_inverse_entry, table) if entry is not None]
+    out = {}
+    for name, value in params.items():
+        name = OUR_NORM_PARAM.sub(lambda m: f"{m[1]}.{torch_names[m[2]]}", name)
+        for ours, theirs in inverse:
+            match = re.match(ours + r"(?=\.|$)", name)
+            if match:
+                out[match.expand(theirs) + name[match.end():]] = value
+                break
+        else:
+            raise CheckpointError(f"no source name for {name!r}")  # every parameter of the model has one
+    return out
+
+
+def _inverse_entry(entry: tuple[str, str]) -> Optional[tuple[str, str]]:
+    """(pattern, target) of an import table as (a pattern of our names, a template of the source's):
+    the pattern's groups move into the target where it refers to them, the literal parts swap sides.
+    None for an entry whose source name the target does not determine (an alternative outside a group)."""
+    pattern, target = entry
+    groups = re.findall(r"\(([^()]*)\)", pattern)
+    if set(re.findall(r"\\(\d)", target)) != {str(i) for i in range(1, len(groups) + 1)}:
+        return None
+    ours = "".join(f"({groups[int(part[1:]) - 1]})" if re.fullmatch(r"\\\d", part) else re.escape(part)
+                   for part in re.split(r"(\\\d)", target) if part)
+    theirs = pattern
+    for index, group in enumerate(groups, 1):
+        theirs = theirs.replace(f"({group})", f"\\{index}", 1)
+    if re.search(r"[|()\[\]*+?]", theirs.replace("\\.", "")):
+        return None
+    # Our pattern's groups are numbered by their place in the target; the source's template by the
+    # pattern's: renumber the template to the target's order.
+    order = [int(ref) for ref in re.findall(r"\\(\d)", target)]
+    theirs = re.sub(r"\\(\d)", lambda m: f"\\{order.index(int(m[1])) + 1}", theirs)
+    return ours, theirs.replace("\\.", ".")
+
+
+def fuse_qkv(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of _split_qkv: each block's query, key and value rows stacked into one qkv."""
+    out = {}
+    for name, value in params.items():
+        match = re.match(r"(blocks\.\d+\.attn)\.query\.(weight|bias)$", name)
+        if match:
+            parts = [params[f"{match[1]}.{part}.{match[2]}"] for part in ("query", "key", "value")]
+            out[f"{match[1]}.qkv.{match[2]}"] = np.concatenate(parts, axis=0)
+        elif not re.match(r"blocks\.\d+\.attn\.(key|value)\.", name):
+            out[name] = value
     return out
 
 
@@ -397,15 +454,16 @@ def _new_head(imported: Imported, num_classes: int, seed: int) -> None:
 
 def save_imported(imported: Imported, out: str | Path, source: str) -> Path:
     """Writes the parameters as safetensors (what checkpoint.load_weights and model.pretrained read),
-    via a temporary file and a rename."""
-    from safetensors.numpy import save_file
+    via a temporary file and a rename. Serialised in memory and written by Python, so that a full disk
+    raises (host.weights_only does the same)."""
+    from safetensors.numpy import save
 
     out = Path(out)
+    data = save({k: np.ascontiguousarray(v) for k, v in imported.params.items()},
+                metadata={"format": "pt", "converted_from": source})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in imported.params.items()}, str(tmp),
-                      metadata={"format": "pt", "converted_from": source})
+        write_atomic(out, data, durable=True)
     except OSError as err:
         raise CheckpointError(f"cannot write {out}: {err.strerror}; choose a writable path") from None
     return out

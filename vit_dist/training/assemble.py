@@ -19,6 +19,7 @@ from vit_dist.parallel import semi_auto
 from vit_dist.parallel.data_parallel import gradient_reducer
 from vit_dist.training import checkpoint
 from vit_dist.training.ema import WeightEMA
+from vit_dist.training.loss import train_loss
 from vit_dist.training.optim import build_optimizer
 from vit_dist.training.precision import apply_mixed_precision, build_loss_scaler
 from vit_dist.training.step import make_train_step
@@ -69,20 +70,24 @@ def recompute_blocks(net: VisionTransformer) -> None:
 
 def build_training(cfg: Config, num_classes: int, placement: Placement, say: Callable[[str], None],
                    strategy_path: Optional[Path] = None) -> Training:
-    """The model, optimizer, loss scaler, weights' EMA and compiled train step of the config. Data mode: the flat
-    AdamW and one all-reduce of the packed gradients per step; semi_auto: per-parameter AdamW and
-    MindSpore's parallel compiler, with each rank's parameter layout written to strategy_path."""
+    """The model, optimizer, loss scaler, weights' EMA and compiled train step of the config. Data mode on
+    the CPU: the flat AdamW and one all-reduce of the packed gradients per group and step; on Ascend and GPU
+    (Backend.flat_optimizer): per-parameter AdamW and MindSpore's DistributedGradReducer; semi_auto:
+    per-parameter AdamW and MindSpore's parallel compiler, with each rank's parameter layout written to
+    strategy_path."""
     dims = ParallelDims.of(cfg, placement.world_size)
     net, backend = build_model(cfg, num_classes, placement, say, training=True)
-    optimizer = build_optimizer(net, cfg.train, flat=not dims.semi_auto)
+    flat = backend.flat_optimizer and not dims.semi_auto
+    optimizer = build_optimizer(net, cfg.train, flat=flat)
     scaler = build_loss_scaler(cfg.precision)
     # After model.pretrained is loaded: fine-tuning averages from the imported weights.
     ema = WeightEMA(net.trainable_params(), cfg.train.ema_decay) if cfg.train.ema_decay else None
-    # semi_auto's graph sees the global batch (one block per replica) and reduces gradients itself.
-    reduce_gradients = semi_auto.reduced_by_mindspore if dims.semi_auto else gradient_reducer(placement)
-    step = make_train_step(net, optimizer, reduce_gradients, cfg.train.label_smoothing, cfg.train.grad_clip_norm,
-                           scaler, cfg.precision.min_loss_scale, dims.accumulation,
-                           dims.dp if dims.semi_auto else 1, backend.signal, cfg.data.mixes, ema)
+    # semi_auto's graph sees the global batch and reduces gradients itself, once per step.
+    reduce_gradients = (semi_auto.reduced_by_mindspore if dims.semi_auto else
+                        gradient_reducer(placement, None if flat else optimizer.parameters))
+    step = make_train_step(net, optimizer, train_loss(cfg.train.label_smoothing, cfg.data.mixes), reduce_gradients,
+                           cfg.train.grad_clip_norm, scaler, cfg.precision.min_loss_scale, dims.accumulation,
+                           in_graph_accumulation=dims.semi_auto, signal=backend.signal, ema=ema)
     if dims.semi_auto:
         step = semi_auto.parallelize(step, cfg.parallel, dims.dp, strategy_path, cfg.data.mixes)
     return Training(net, optimizer, scaler, step, backend, dims, ema)

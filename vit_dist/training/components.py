@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -18,6 +19,7 @@ from vit_dist.host.config import CheckpointConfig
 from vit_dist.host.heartbeat import Heartbeat, resume_command, write_stopped
 from vit_dist.host.placement import Placement
 from vit_dist.host.run_record import RunRecord, format_eval_line, format_train_line
+from vit_dist.host.weights_only import WeightsCard, keep_weights
 from vit_dist.parallel.checkpoint_merge import merge
 from vit_dist.parallel.data_parallel import all_gather, all_reduce_sum
 from vit_dist.training import checkpoint
@@ -93,14 +95,16 @@ class Checkpointer:
     """Rank 0 saves the training state (under semi_auto every rank its slices) every every_n_steps
     steps within an epoch and at every epoch end, after that epoch's evaluation, keeping the last
     keep_last and the best: by val top-1, the model's or its EMA's, whichever is higher
-    (checkpoint_files.best_score)."""
+    (checkpoint_files.best_score). With a card (not under semi_auto, whose ranks hold slices), rank 0
+    also keeps the last and the best weights alone, described by the card (host.weights_only)."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, run: Training, placement: Placement,
-                 steps_per_epoch: int, digest: str, heartbeat: Heartbeat):
+                 steps_per_epoch: int, digest: str, heartbeat: Heartbeat, card: Optional[WeightsCard] = None):
         self.cfg, self.run_dir, self.run, self.steps_per_epoch, self.digest = cfg, run_dir, run, steps_per_epoch, digest
         self.heartbeat = heartbeat
         self.saves = placement.is_main or run.dims.semi_auto  # semi_auto: every rank holds slices of its own
         self.slice_rank = placement.rank if run.dims.semi_auto else None
+        self.card = card if placement.is_main and not run.dims.semi_auto else None
         self.last: Optional[Path] = None
         self.newest: tuple[int, Optional[Path]] = (0, None)  # the step and file training could resume from
         self.best = files.best_checkpoint(run_dir) if placement.is_main else None  # (path, best_score)
@@ -144,6 +148,9 @@ class Checkpointer:
         score = files.best_score(evaluation)[0]
         if self.best is None or score > self.best[1]:
             self.best = files.keep_best(self.run_dir, self.last, evaluation), score
+            if self.card is not None:
+                keep_weights(self.run_dir, "best", self.best[0], replace(
+                    self.card, step=progress.step, weights=files.best_score(evaluation)[1]))
 
     def save_on_stop(self, progress: Progress) -> Optional[Path]:
         """The stop's checkpoint: this step's, unless nothing was trained since the newest one; returns it."""
@@ -157,6 +164,8 @@ class Checkpointer:
             self.last = checkpoint.save(self.run_dir, self.run.net, self.run.optimizer, self.run.scaler, self.run.ema,
                                         progress, self.cfg.keep_last, self.digest, self.slice_rank)
             self.newest = progress.step, self.last
+            if self.card is not None:
+                keep_weights(self.run_dir, "last", self.last, replace(self.card, step=progress.step))
             self.heartbeat.busy(progress.step, f"saved the checkpoint of step {progress.step}")
 
     def summary(self, placement: Placement) -> dict:

@@ -5,6 +5,7 @@ import numpy as np
 
 from vit_dist.parallel.data_parallel import all_reduce_sum
 from vit_dist.host.placement import Placement
+from vit_dist.host.progress import Progress
 
 
 def real_mask(batch_index: int, batch_size: int, count: int, placement: Placement, num_images: int) -> np.ndarray:
@@ -27,14 +28,19 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return logsumexp - logits[np.arange(len(labels)), labels]
 
 
-def evaluate(net, dataset, batch_size: int, placement: Placement, num_images: int) -> dict:
+def evaluate(net, dataset, batch_size: int, placement: Placement, num_images: int,
+             show_progress: bool = False) -> dict:
     """Runs the model over this rank's shard, masks the padding, sums the counts and losses over ranks:
-    top1, top5 and val_loss (the mean cross-entropy) over exactly the real images."""
+    top1, top5 and val_loss (the mean cross-entropy) over exactly the real images. With show_progress,
+    rank 0 shows its batches' progress on stderr."""
     import mindspore as ms
 
     net.set_train(False)
     counts = np.zeros(4)  # top-1 hits, top-5 hits, images, summed cross-entropy
-    for batch_index, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)):
+    batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
+    if show_progress and placement.is_main:
+        batches = Progress(dataset.get_dataset_size(), "evaluating", "batches").iterate(batches)
+    for batch_index, (images, labels) in enumerate(batches):
         count = len(labels)
         # A short last batch is padded to the compiled shape rather than compiling a second graph.
         padded = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
@@ -60,5 +66,5 @@ def evaluate_checkpoint(cfg, path, placement: Placement, scan, say, ema: bool = 
 
     net = model_from_checkpoint(cfg, path, placement, say, cfg.model.num_classes or len(scan.classes), ema=ema)
     dataset = eval_dataset(cfg, scan.val, scan.classes, placement.rank, placement.world_size, cfg.train.eval_batch)
-    result = evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images)
+    result = evaluate(net, dataset, cfg.train.eval_batch, placement, scan.val.num_images, show_progress=True)
     return {**result, "weights": "ema"} if ema else result

@@ -15,6 +15,7 @@ from vit_dist.host.heartbeat import Heartbeat
 from vit_dist.host.placement import ParallelDims, Placement
 from vit_dist.host.rand_augment import parse_rand_augment, start_note
 from vit_dist.host.run_record import RunRecord
+from vit_dist.host.weights_only import WeightsCard
 from vit_dist.parallel.checkpoint_merge import strategy_file
 from vit_dist.training.assemble import build_training
 from vit_dist.training.components import Checkpointer, Evaluator, IntervalLogger, Preemption
@@ -30,17 +31,21 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     cfg, scaling = with_scaled_lr(cfg, ParallelDims.of(cfg, placement.world_size).global_batch)
     record.write_config(cfg, scaling)
     record.write_classes(scan.classes)
-    run = build_training(cfg, cfg.model.num_classes or len(scan.classes), placement, record.say,
-                         strategy_file(run_dir, placement.rank))
+    num_classes = cfg.model.num_classes or len(scan.classes)
+    run = build_training(cfg, num_classes, placement, record.say, strategy_file(run_dir, placement.rank))
     dims = run.dims
     per_epoch = steps_per_epoch(scan.train.num_images, dims.dp, dims.micro_batch, dims.accumulation)
     total = total_steps(cfg.train, per_epoch)
     rates = lr_schedule(cfg.train, per_epoch)
     heartbeat = Heartbeat(run_dir, placement.rank, placement.job)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg), heartbeat)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg), heartbeat,
+                                WeightsCard.of(cfg, num_classes, sorted(scan.classes, key=scan.classes.get)))
     start = checkpointer.restore(cfg.train.resume, record.say)
     if cfg.train.tensorboard:
         record.open_tensorboard(start.step)
+    if dims.semi_auto:
+        record.say("note: no weights-only RUN_DIR/weights/ under semi_auto (each rank saves slices); vit-dist "
+                   "export-weights takes the merged checkpoint the run ends with")
     logger = IntervalLogger(record, run, placement, cfg.train.log_interval, total, rates, start.skipped_steps)
     evaluator = Evaluator(cfg.train.eval_every_epochs, run, pipeline.eval_dataset(
         cfg, scan.val, scan.classes, placement.rank, placement.world_size, cfg.train.eval_batch),

@@ -142,8 +142,8 @@ class FusedMlp(Mlp):
 
     def construct(self, x):
         hidden = self.fc1.matmul(x.reshape(-1, x.shape[-1]), self.fc1.weight)
-        out = self.fc2(self.drop(self.fused(hidden, self.fc1.bias)))
-        return self.drop(out.reshape(x.shape[:-1] + (-1,)))
+        out = self.fc2(self.drop1(self.fused(hidden, self.fc1.bias)))
+        return self.drop2(out.reshape(x.shape[:-1] + (-1,)))
 
 
 def fused_layers(ops_by_name: dict, stock: ViTLayers = ViTLayers()) -> ViTLayers:
