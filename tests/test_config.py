@@ -104,6 +104,9 @@ def test_unknown_section_and_override_key():
     ("train.layer_decay=1.5", r"train\.layer_decay must be in \(0, 1\]"),
     ("train.lr_base_batch=-1", r"train\.lr_base_batch must be >= 0 \(0: train\.lr as given\), got -1"),
     ("train.lr_base_batch=512.0", r"train\.lr_base_batch must be an integer"),
+    ("train.tensorboard=yes please", r"train\.tensorboard must be true or false, got 'yes please'"),
+    ("train.profile_steps=5", r"train\.profile_steps must be a list of 2 numbers, got 5"),
+    ("train.profile_steps=[1.5,3]", r"train\.profile_steps must be an integer, got 1\.5"),
 ])
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:

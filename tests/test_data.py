@@ -12,7 +12,7 @@ from vit_dist.data import pipeline, sampler
 from vit_dist.host import datascan as data
 from vit_dist.host.config import load_config
 from vit_dist.host.errors import ConfigError, DataError
-from vit_dist.training.evaluate import real_mask
+from vit_dist.training.evaluate import cross_entropy, real_mask
 from vit_dist.host.placement import Placement
 
 
@@ -194,3 +194,15 @@ def test_real_mask_drops_exactly_the_wrapped_padding():
     rank1 = real_mask(0, 5, 5, Placement("msrun", 1, 2, 1, 2), 9)
     assert rank0.tolist() == [True] * 5 and rank1.tolist() == [True] * 4 + [False]
     assert real_mask(2, 2, 1, Placement("msrun", 1, 2, 1, 2), 9).tolist() == [False]  # local sample 4
+
+
+def test_val_cross_entropy_is_torchs_on_the_same_logits():
+    """Without label smoothing, per sample; large logits too (float32 logits of a confident model)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((64, 10)) * np.array([[1.0]] * 32 + [[300.0]] * 32)).astype(np.float32)
+    labels = rng.integers(0, 10, 64)
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(labels),
+                                                 reduction="none").numpy()
+    assert np.allclose(cross_entropy(logits, labels), expected, rtol=1e-12, atol=1e-12)

@@ -1,7 +1,10 @@
 """Real training jobs: one device and 2-rank msrun on real images, compared with each other."""
 import json
+import math
 import os
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +17,14 @@ EXACT = {"data": {"augment": False, "shuffle": False}, "train": {"eval_batch_siz
 
 @pytest.fixture(scope="module")
 def dp_runs(tiny_data, tmp_path_factory):
-    """The same 6 steps on the same samples: 2 ranks x batch 8 under msrun, 1 device x batch 16."""
+    """The same 6 steps on the same samples: 2 ranks x batch 8 under msrun (which also profiles steps 5-6
+    and writes TensorBoard events: neither changes what is computed), 1 device x batch 16."""
     tmp = tmp_path_factory.mktemp("dp")
     config = tiny_config(tmp / "exact.yaml", tiny_data, **EXACT)
     two = tmp / "two_ranks"
     one = tmp / "one_device"
-    launched = ok(msrun("--ranks-per-node", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}"))
+    launched = ok(msrun("--ranks-per-node", "2", str(config), "--set", "train.batch_size=8", f"train.output_dir={two}",
+                        "train.profile_steps=[5,6]", "train.tensorboard=true"))
     ok(vit_dist("train", str(config), "--set", "train.batch_size=16", f"train.output_dir={one}"))
     return {"config": config, "two": two, "one": one, "launched": launched}
 
@@ -51,15 +56,49 @@ def test_run_directory_holds_config_metrics_checkpoints_eval_and_every_rank_log(
     assert {"step", "epoch", "loss", "lr", "images_per_sec", "eta_s", "data_wait"} <= train_record.keys()
     eval_record = records[-1]
     assert eval_record["images"] == 9 and 0.0 <= eval_record["top1"] <= eval_record["top5"] <= 1.0
-    assert json.loads((run / "eval.json").read_text()) == {k: eval_record[k] for k in ("top1", "top5", "images")}
+    assert eval_record["val_loss"] > 0
+    assert json.loads((run / "eval.json").read_text()) == {k: eval_record[k]
+                                                           for k in ("top1", "top5", "images", "val_loss")}
     assert "train.output_dir" not in (run / "config.yaml").read_text()
     assert f"output_dir: {run}" in (run / "config.yaml").read_text()
-    # Rank 0 alone writes checkpoints and metrics; the launcher streams rank 0's lines.
+    # Rank 0 alone writes checkpoints and metrics; the launcher streams rank 0's lines, stamped in UTC.
     assert "step 6/6" in dp_runs["launched"].stdout and "world size      2" in dp_runs["launched"].stdout
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 6/6 epoch ", dp_runs["launched"].stdout, re.M)
+    worker_log = (run / "logs" / "worker_0.log").read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d eval epoch 2 top1 ", worker_log, re.M)
 
 
-def test_eval_counts_every_val_image_once_on_two_ranks(dp_runs):
-    """9 val images, eval batch 2: rank 0 sees 5, rank 1 sees 4 plus one padded repeat."""
+def test_each_log_holds_the_fastest_and_slowest_ranks_step_time(dp_runs):
+    """One AllGather at each log: 2 ranks' times bracket rank 0's own (its img/s); on one device they are one."""
+    for run, world in ((dp_runs["two"], 2), (dp_runs["one"], 1)):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        timed = [r for r in records if "loss" in r and r["step_time_slowest_s"] is not None]
+        assert len(timed) >= 2, records  # the first interval holds the compile only (log_interval 2: one timed step)
+        for r in timed:
+            rank0 = 16 / r["images_per_sec"]  # global batch 16
+            assert 0 < r["step_time_fastest_s"] <= rank0 * (1 + 1e-6) and rank0 <= r["step_time_slowest_s"] * (1 + 1e-6)
+            assert r["slowest_rank"] in range(world)
+            if world == 1:
+                assert r["step_time_fastest_s"] == r["step_time_slowest_s"]
+
+
+def test_every_rank_profiles_its_steps_and_rank_0_alone_writes_tensorboard_events(dp_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = dp_runs["two"]
+    for rank in (0, 1):
+        (trace,) = (run / "profile" / f"rank_{rank}").rglob("trace_view.json")
+        assert any(e.get("ph") == "X" and "MatMul" in e["name"] for e in json.loads(trace.read_text())), rank
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/loss")] == [6]
+
+
+def test_eval_counts_every_val_image_once_on_two_ranks(dp_runs, tiny_data, tmp_path):
+    """9 val images, eval batch 2: rank 0 sees 5, rank 1 sees 4 plus one padded repeat. The val loss
+    masks the same padding: 2 ranks' equals 1 rank's and the cross-entropy of `vit-dist infer`'s softmax."""
     ckpt = str(last_checkpoint(dp_runs["one"]))
     config = str(dp_runs["config"])
     out = dp_runs["one"].parent
@@ -69,8 +108,17 @@ def test_eval_counts_every_val_image_once_on_two_ranks(dp_runs):
                         "--set", f"train.output_dir={out / 'eval2'}"))
     distributed = json.loads(launched.stdout.strip().splitlines()[-1])
     assert single["images"] == distributed["images"] == 9
-    assert distributed == single
     assert json.loads((out / "eval2" / "eval.json").read_text()) == distributed
+    # The loss is summed in float32 by the collective: equal to its rounding, the counts exactly.
+    assert distributed.pop("val_loss") == pytest.approx(single["val_loss"], rel=1e-6)
+    assert distributed == {k: v for k, v in single.items() if k != "val_loss"}
+    # The reference: every val image's probabilities from `vit-dist infer` (all 3 classes), -log of its label's.
+    predictions = tmp_path / "predictions.json"
+    ok(vit_dist("infer", config, "--ckpt", ckpt, "--images", str(tiny_data / "val"), "--topk", "3",
+                "--out", str(predictions)))
+    losses = [-math.log(next(t["prob"] for t in p["topk"] if t["class"] == Path(p["image"]).parent.name))
+              for p in json.loads(predictions.read_text())]
+    assert len(losses) == 9 and single["val_loss"] == pytest.approx(sum(losses) / 9, rel=1e-4)
 
 
 def test_same_config_and_seed_give_the_same_loss_curve(tiny_data, tmp_path):

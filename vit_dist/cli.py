@@ -21,7 +21,7 @@ from vit_dist.host.placement import Placement
 from vit_dist.host.preflight import preflight, prepare_run_dir, resolve_run_dir
 from vit_dist.host.private import private_folder
 from vit_dist.host.progress import Progress
-from vit_dist.host.run_record import CLASSES_FILE, CONFIG_FILE, RunRecord, remove_unstarted_run_dir
+from vit_dist.host.run_record import CLASSES_FILE, CONFIG_FILE, RunRecord, remove_unstarted_run_dir, say
 from vit_dist.host.shipped_configs import config_path, describe, shipped
 
 CONFIG_HELP = "YAML config file, or a shipped config's name (vit-dist config list)"
@@ -68,17 +68,15 @@ def _resolve_device(cfg: Config, placement: Placement) -> None:
     requested = cfg.parallel.device_target
     cfg.parallel.device_target = bootstrap.resolve_device_target(requested, placement)
     validate(cfg)
-    if requested == AUTO_DEVICE and placement.is_main:
-        print(f"device target {cfg.parallel.device_target} (parallel.device_target auto)", file=sys.stderr,
-              flush=True)
+    say(f"device target {cfg.parallel.device_target} (parallel.device_target auto)",
+        requested == AUTO_DEVICE and placement.is_main)
 
 
 def _announce(run_dir: Path, placement: Placement) -> None:
     """A rank of a job says where it is, in the run directory (for its launcher) and on stderr."""
     if placement.distributed:
         bootstrap.announce_worker(run_dir, placement)
-        print(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}",
-              file=sys.stderr, flush=True)
+        say(f"rank {placement.rank} of {placement.world_size} ({placement.launcher}), pid {os.getpid()}", True)
 
 
 def _cache() -> Path:

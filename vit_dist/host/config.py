@@ -116,6 +116,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # >0: an exponential moving average of the weights, ema = decay*ema + (1-decay)*weights
     layer_decay: float = 1.0  # <1: layer-wise lr decay, lr * layer_decay ** (layers above the parameter's)
     lr_base_batch: int = 0  # >0: lr is for this global batch and is scaled linearly to the run's (DeiT: 512)
+    tensorboard: bool = False  # true: the metrics also as TensorBoard scalars in RUN_DIR/tensorboard (its extra)
+    profile_steps: Optional[tuple[int, int]] = None  # [a, b]: MindSpore's profiler over steps a..b, RUN_DIR/profile
 
     @property
     def eval_batch(self) -> int:
@@ -353,6 +355,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.layer_decay must be in (0, 1] (1: no layer-wise decay), got {t.layer_decay}")
     if t.lr_base_batch < 0:
         raise ConfigError(f"train.lr_base_batch must be >= 0 (0: train.lr as given), got {t.lr_base_batch}")
+    if t.profile_steps is not None and not 1 <= t.profile_steps[0] <= t.profile_steps[1]:
+        raise ConfigError(f"train.profile_steps must be [first, last] steps with 1 <= first <= last, got "
+                          f"{list(t.profile_steps)}; e.g. train.profile_steps=[10,20]")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise ConfigError(f"train.eval_batch_size must be at least 1 (or null), got {t.eval_batch_size}")
     if p.device_target == "CPU" and pr.amp_level != "O0" and pr.dtype == "bfloat16":
@@ -427,6 +432,20 @@ def _validate_parallel(cfg: Config) -> None:
                           f"{p.model_parallel}, which does not divide it; use parallel.head=data")
 
 
+def total_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps a run trains: every epoch's, or train.max_steps if fewer."""
+    every_epoch = train.epochs * steps_per_epoch
+    return min(every_epoch, train.max_steps or every_epoch)
+
+
+def check_profile_steps(train: TrainConfig, steps_per_epoch: int) -> None:
+    """train.profile_steps within the run's steps: one line before anything starts."""
+    total = total_steps(train, steps_per_epoch)
+    if train.profile_steps is not None and train.profile_steps[1] > total:
+        raise ConfigError(f"train.profile_steps {list(train.profile_steps)} ends after the run's last step {total}; "
+                          f"choose steps within 1..{total}")
+
+
 def scaled_lr(train: TrainConfig, global_batch: int) -> float:
     """The peak learning rate of a run of this global batch: train.lr as given, or, with train.lr_base_batch
     N > 0, lr x global_batch / N (linear, as DeiT). min_lr is not scaled (neither DeiT nor timm scale it);
@@ -468,8 +487,8 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-# Keys that name places, not the computation: they may differ between launches of the same graph.
-NOT_IN_GRAPH = ("output_dir", "resume", "compile_cache")
+# Keys that name places or what is recorded, not the computation: they may differ between launches of the same graph.
+NOT_IN_GRAPH = ("output_dir", "resume", "compile_cache", "tensorboard", "profile_steps")
 
 
 def config_digest(cfg: Config) -> str:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from vit_dist.host import datascan
 from vit_dist.host.checkpoint_files import SUFFIX, checkpoint_dir
-from vit_dist.host.config import Config, scaled_lr
+from vit_dist.host.config import Config, check_profile_steps, scaled_lr
 from vit_dist.host.errors import ConfigError, DataError
 from vit_dist.host.placement import ParallelDims
 from vit_dist.host.run_record import RunRecord, read_data_check
+from vit_dist.host.tensorboard_events import require_tensorboard
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -70,9 +71,13 @@ def preflight(cfg: Config, world_size: int, is_main: bool, reuse_record: bool, c
         raise ConfigError(f"model.pretrained {cfg.model.pretrained} does not exist; write it with vit-dist "
                           "import-weights, or set model.pretrained=null")
     dims = ParallelDims.of(cfg, world_size)
-    datascan.steps_per_epoch(scan.train.num_images, dims.dp, cfg.train.batch_size, cfg.parallel.grad_accumulation)
+    per_epoch = datascan.steps_per_epoch(scan.train.num_images, dims.dp, cfg.train.batch_size,
+                                         cfg.parallel.grad_accumulation)
     if training:
         scaled_lr(cfg.train, dims.global_batch)  # a rate scaled below train.min_lr: one line before anything starts
+        check_profile_steps(cfg.train, per_epoch)
+        if cfg.train.tensorboard:
+            require_tensorboard()
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(scan.classes):
         raise ConfigError(f"model.num_classes {cfg.model.num_classes} is less than the {len(scan.classes)} class "
                           f"folders in {scan.train.path}; set model.num_classes to null or >= {len(scan.classes)}")

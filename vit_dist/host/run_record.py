@@ -1,4 +1,5 @@
-"""Rank 0's run record: the resolved config, one log line and one JSON object per interval, eval.json.
+"""Rank 0's run record: the resolved config, one log line and one JSON object per interval (and, with
+train.tensorboard, TensorBoard scalars from the same records), eval.json.
 
 Every rank calls the same methods; only the main rank writes, so callers never branch on rank. Also
 what a run directory holds before its run gets going, and its removal after a command that failed
@@ -11,12 +12,14 @@ import math
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from vit_dist.host.atomic import write_atomic
 from vit_dist.host.config import Config, dump_yaml
 from vit_dist.host.errors import OutputError, UserError
+from vit_dist.host.tensorboard_events import TENSORBOARD_DIR, TensorBoardEvents
 
 CONFIG_FILE = "config.yaml"
 DATA_CHECK_FILE = "data_check.json"
@@ -41,30 +44,55 @@ def format_duration(seconds: float) -> str:
 def format_train_line(record: dict) -> str:
     line = (f"step {record['step']}/{record['total_steps']} epoch {record['epoch']} loss {record['loss']:.4f} "
             f"lr {record['lr']:.3e} img/s {record['images_per_sec']:.1f} "
-            f"data {100 * record['data_wait']:.0f}% eta {format_duration(record['eta_s'])}")
+            f"data {100 * record['data_wait']:.0f}% eta {format_duration(record['eta_s'])} "
+            f"step time {_ms(record['step_time_fastest_s'])}-{_ms(record['step_time_slowest_s'])} ms "
+            f"(slowest rank {record['slowest_rank']})")
     if "loss_scale" in record:
         line += f" scale {record['loss_scale']:g} overflows {record['overflows']} skipped {record['skipped_steps']}"
     return line
 
 
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.0f}" if math.isfinite(seconds) else "?"
+
+
 def format_eval_line(record: dict) -> str:
     line = (f"eval epoch {record['epoch']} top1 {100 * record['top1']:.2f}% top5 {100 * record['top5']:.2f}% "
-            f"images {record['images']}")
+            f"loss {record['val_loss']:.4f} images {record['images']}")
     if "ema_top1" in record:
-        line += f" ema top1 {100 * record['ema_top1']:.2f}% top5 {100 * record['ema_top5']:.2f}%"
+        line += (f" ema top1 {100 * record['ema_top1']:.2f}% top5 {100 * record['ema_top5']:.2f}% "
+                 f"loss {record['ema_val_loss']:.4f}")
     return line
 
 
+def stamped(line: str) -> str:
+    """The line behind the time in UTC, `2026-12-05 21:03:07 `. An `error: ` line stays as it is: errors are
+    one line that starts with `error: `, wherever they come from."""
+    if line.startswith("error: "):
+        return line
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {line}"
+
+
 def say(message: str, is_main: bool) -> None:
-    """One line on the job's console: rank 0's stderr."""
+    """One line on the job's console, stamped: rank 0's stderr."""
     if is_main:
-        print(message, file=sys.stderr, flush=True)
+        print(stamped(message), file=sys.stderr, flush=True)
 
 
 class RunRecord:
     def __init__(self, run_dir: Path, is_main: bool):
         self.run_dir = run_dir
         self.is_main = is_main
+        self.tensorboard = None
+
+    def open_tensorboard(self, start_step: int) -> None:
+        """From now on log() also writes TensorBoard scalars (rank 0); start_step: where training stands."""
+        if self.is_main:
+            self.tensorboard = TensorBoardEvents(self.run_dir, start_step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def write_config(self, cfg: Config, note: str = "") -> None:
         """RUN_DIR/config.yaml, loadable as a config; `note`, if any, as a comment line above it."""
@@ -75,16 +103,19 @@ class RunRecord:
         self._write(CLASSES_FILE, json.dumps(sorted(classes, key=classes.get)) + "\n")
 
     def log(self, record: dict, line: str) -> None:
-        """Prints the line and appends the record to metrics.jsonl."""
+        """Prints the line, stamped, and appends the record to metrics.jsonl (and its curves to TensorBoard)."""
         if not self.is_main:
             return
-        print(line, flush=True)
+        print(stamped(line), flush=True)
         path = self.run_dir / METRICS_FILE
         with _writing(path):
             # O_NOFOLLOW: a planted symlink does not redirect the append; a reader skips a partial last line.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
             with os.fdopen(fd, "a") as out:
                 out.write(json.dumps(_finite(record)) + "\n")
+        if self.tensorboard is not None:
+            with _writing(self.run_dir / TENSORBOARD_DIR):
+                self.tensorboard.write(_finite(record))
 
     def write_data_check(self, record: dict) -> None:
         self._write(DATA_CHECK_FILE, json.dumps(record))

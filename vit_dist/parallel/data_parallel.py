@@ -66,3 +66,14 @@ def all_reduce_sum(values, placement: Placement) -> np.ndarray:
     from mindspore import ops
 
     return ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor(values)).asnumpy()
+
+
+def all_gather(values, placement: Placement) -> np.ndarray:
+    """A small vector from every rank, as rows in rank order (float32); every rank gets them all."""
+    values = np.asarray(values, dtype=np.float32)
+    if not placement.distributed:
+        return values[None]
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.AllGather()(ms.Tensor(values[None])).asnumpy()

@@ -1,5 +1,5 @@
 """A PNG of a run's curves against step, from its metrics.jsonl: train loss, val top-1 (and its EMA's),
-learning rate, loss scale and images/s. matplotlib is the optional `plot` extra: training nodes need no
+val loss, learning rate, loss scale and images/s. matplotlib is the optional `plot` extra: training nodes need no
 plotting stack, and `vit-dist plot RUN_DIR` draws the same figure anywhere later."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from vit_dist.host.errors import ConfigError, DependencyError
 
 PLOT_FILE = "curves.png"
 # (metrics.jsonl key, panel title); a panel whose key no record has is left out.
-PANELS = [("loss", "train loss"), ("top1", "val top-1"), ("ema_top1", "val top-1 of the EMA"), ("lr", "learning rate"),
-          ("loss_scale", "loss scale"), ("images_per_sec", "images/s")]
+PANELS = [("loss", "train loss"), ("top1", "val top-1"), ("ema_top1", "val top-1 of the EMA"), ("val_loss", "val loss"),
+          ("lr", "learning rate"), ("loss_scale", "loss scale"), ("images_per_sec", "images/s")]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -55,7 +55,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (key, title) in zip(axes[:, 0], panels):
         steps, values = series(records, key)
-        ax.plot(steps, values, marker="o" if key.endswith("top1") or len(steps) < 30 else None, markersize=3)
+        evaluations = key in ("top1", "ema_top1", "val_loss")
+        ax.plot(steps, values, marker="o" if evaluations or len(steps) < 30 else None, markersize=3)
         ax.set_ylabel(title)
         if key in ("lr", "loss_scale") and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")

@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
+
 from vit_dist.host import checkpoint_files as files
 from vit_dist.host.checkpoint_files import Progress
 from vit_dist.host.config import CheckpointConfig
@@ -19,16 +21,17 @@ from vit_dist.host.placement import Placement
 from vit_dist.host.run_record import RunRecord, format_eval_line, format_train_line
 from vit_dist.host.weights_only import WeightsCard, keep_weights
 from vit_dist.parallel.checkpoint_merge import merge
-from vit_dist.parallel.data_parallel import all_reduce_sum
+from vit_dist.parallel.data_parallel import all_gather, all_reduce_sum
 from vit_dist.training import checkpoint
 from vit_dist.training.assemble import Training
 from vit_dist.training.evaluate import evaluate
 
 
 class IntervalLogger:
-    """Every log_interval steps (and at the last), rank 0 logs the loss averaged over ranks and the
-    interval's throughput and data wait. Every rank must call after_step at every step: the log is
-    a collective. The first step's graph compile is kept out of the throughput."""
+    """Every log_interval steps (and at the last), rank 0 logs the loss averaged over ranks, the
+    interval's throughput and data wait, and the mean step time of the fastest and the slowest rank.
+    Every rank must call after_step at every step: the log is a collective, one AllGather of each
+    rank's loss sum, step count and step time. The first step's graph compile is kept out of the times."""
 
     def __init__(self, record: RunRecord, run: Training, placement: Placement, log_interval: int,
                  total_steps: int, learning_rates: list[float], skipped: int):
@@ -68,17 +71,20 @@ class IntervalLogger:
             self.restart()
 
     def _log(self, step: int, epoch: int) -> None:
-        loss_sum, count = all_reduce_sum([sum(float(loss.asnumpy()) for loss in self.losses), len(self.losses)],
-                                         self.placement)
-        overflows = sum(not bool(finite.asnumpy()) for finite in self.finite)
-        self.skipped += overflows
+        losses = sum(float(loss.asnumpy()) for loss in self.losses)  # after every step of the interval has run
         elapsed = time.perf_counter() - self.started
         timed = len(self.losses) - self.untimed
-        step_time = elapsed / timed if timed else float("nan")
+        ranks = all_gather([losses, len(self.losses), elapsed / timed if timed else float("nan")], self.placement)
+        loss_sum, count = ranks[:, :2].sum(axis=0)
+        rank_times = ranks[:, 2].astype(np.float64)
+        step_time = float(rank_times[self.placement.rank])
+        overflows = sum(not bool(finite.asnumpy()) for finite in self.finite)
+        self.skipped += overflows
         entry = {"step": step, "epoch": epoch, "total_steps": self.total_steps, "loss": float(loss_sum / count),
                  "lr": float(self.learning_rates[step - 1]),
                  "images_per_sec": self.run.dims.global_batch / step_time, "data_wait": self.data_wait / elapsed,
-                 "eta_s": (self.total_steps - step) * step_time}
+                 "eta_s": (self.total_steps - step) * step_time, "step_time_fastest_s": float(rank_times.min()),
+                 "step_time_slowest_s": float(rank_times.max()), "slowest_rank": int(rank_times.argmax())}
         if self.run.scaler is not None:
             entry.update(loss_scale=float(self.run.scaler.scale_value.asnumpy()), overflows=overflows,
                          skipped_steps=self.skipped)
@@ -177,9 +183,9 @@ class Checkpointer:
 
 
 class Evaluator:
-    """Exact top-1/top-5 of the model (and, with train.ema_decay, of its EMA: ema_top1, ema_top5) on
-    every rank's val shard, every eval_every_epochs epochs and at the end; none under semi_auto (its
-    slices are evaluated after the merge)."""
+    """Exact top-1/top-5 and val loss of the model (and, with train.ema_decay, of its EMA: ema_top1,
+    ema_top5, ema_val_loss) on every rank's val shard, every eval_every_epochs epochs and at the end;
+    none under semi_auto (its slices are evaluated after the merge)."""
 
     def __init__(self, eval_every_epochs: int, run: Training, dataset, batch_size: int, placement: Placement,
                  num_images: int, record: RunRecord, heartbeat: Heartbeat):
@@ -194,7 +200,7 @@ class Evaluator:
         if self.run.ema is not None:
             with self.run.ema.swapped():  # the EMA through the model's own evaluation graph
                 averaged = evaluate(self.run.net, batches, self.batch_size, self.placement, self.num_images)
-            result.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"])
+            result.update(ema_top1=averaged["top1"], ema_top5=averaged["top5"], ema_val_loss=averaged["val_loss"])
         self.record.log({"step": progress.step, "epoch": progress.epoch, **result},
                         format_eval_line({"epoch": progress.epoch, **result}))
         return result

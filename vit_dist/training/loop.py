@@ -9,7 +9,7 @@ import mindspore as ms
 
 from vit_dist.data import pipeline
 from vit_dist.host.checkpoint_files import Progress
-from vit_dist.host.config import Config, config_digest, with_scaled_lr
+from vit_dist.host.config import Config, config_digest, total_steps, with_scaled_lr
 from vit_dist.host.datascan import DataScan, steps_per_epoch
 from vit_dist.host.heartbeat import Heartbeat
 from vit_dist.host.placement import ParallelDims, Placement
@@ -20,6 +20,7 @@ from vit_dist.parallel.checkpoint_merge import strategy_file
 from vit_dist.training.assemble import build_training
 from vit_dist.training.components import Checkpointer, Evaluator, IntervalLogger, Preemption
 from vit_dist.training.optim import lr_schedule
+from vit_dist.training.profiling import StepProfiler
 
 
 def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> dict:
@@ -34,12 +35,14 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     run = build_training(cfg, num_classes, placement, record.say, strategy_file(run_dir, placement.rank))
     dims = run.dims
     per_epoch = steps_per_epoch(scan.train.num_images, dims.dp, dims.micro_batch, dims.accumulation)
-    total = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch)
+    total = total_steps(cfg.train, per_epoch)
     rates = lr_schedule(cfg.train, per_epoch)
     heartbeat = Heartbeat(run_dir, placement.rank, placement.job)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, run, placement, per_epoch, config_digest(cfg), heartbeat,
                                 WeightsCard.of(cfg, num_classes, sorted(scan.classes, key=scan.classes.get)))
     start = checkpointer.restore(cfg.train.resume, record.say)
+    if cfg.train.tensorboard:
+        record.open_tensorboard(start.step)
     if dims.semi_auto:
         record.say("note: no weights-only RUN_DIR/weights/ under semi_auto (each rank saves slices); vit-dist "
                    "export-weights takes the merged checkpoint the run ends with")
@@ -52,6 +55,8 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     dataset.set_init_step(start.step)  # skips the batches already consumed, keeps each epoch's order
     batches = dataset.create_tuple_iterator(num_epochs=cfg.train.epochs)  # each pass yields one epoch
     preemption = Preemption(placement, checkpointer, heartbeat, run_dir, record.say)
+    profiler = StepProfiler(cfg.train.profile_steps, run_dir, placement, cfg.parallel.device_target, start.step,
+                            record.say)
     if cfg.data.rand_augment is not None:
         record.say(start_note(parse_rand_augment(cfg.data.rand_augment), cfg.data.color_jitter))
     left_out = len(scan.train.bad) + len(scan.val.bad)
@@ -68,6 +73,7 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
             step += 1
             heartbeat.step_done(step)
             logger.after_step(step, epoch, loss, finite)
+            profiler.after_step(step)
             if step == total:
                 break
             checkpointer.after_step(Progress(step, epoch, logger.skipped))
@@ -82,4 +88,5 @@ def train(cfg: Config, placement: Placement, run_dir: Path, scan: DataScan) -> d
     if evaluation is not None:
         record.write_eval(evaluation)
         record.write_plot()
+    record.close()
     return result
