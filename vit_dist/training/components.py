@@ -222,18 +222,21 @@ class _Heartbeating:
 class Preemption:
     """SIGTERM or SIGINT asks the run to stop. A signal reaches the ranks at different times, so they
     agree: at the same steps every rank all-reduces its stop request, about once per second of
-    training (a cadence each rank derives from the same reduced step time); then every rank has
+    training and at least every MOST_STEPS_BETWEEN steps (a cadence each rank derives from the same
+    reduced step time, once a step has been timed); then every rank has
     finished the same step, rank 0 saves, and the run ends. On one device with status 128+signal; in
     a launched job with 0 and RUN_DIR/logs/stopped, which the launcher turns into 128+signal, since
     msrun and mpirun kill every rank once one exits non-zero and could cut rank 0's save short."""
 
     AGREE_EVERY_S = 1.0
+    MOST_STEPS_BETWEEN = 32  # however fast the steps, a stop waits for no more of them
 
     def __init__(self, placement: Placement, checkpointer: Checkpointer, heartbeat: Heartbeat, run_dir: Path, say):
         self.placement, self.checkpointer, self.heartbeat, self.run_dir, self.say = (
             placement, checkpointer, heartbeat, run_dir, say)
         self.requested = 0  # the first signal received
         self.every, self.countdown, self.since = 1, 1, time.perf_counter()
+        self.timed = False  # the first agreement comes before any step: its interval times no step
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._request)
 
@@ -253,8 +256,10 @@ class Preemption:
                                                    self.requested == signal.SIGINT, elapsed], self.placement)
         if terms or interrupts:
             self._stop(progress, signal.SIGTERM if terms else signal.SIGINT)
-        step_time = float(total) / self.placement.world_size / self.every  # the same on every rank
-        self.every = max(1, int(self.AGREE_EVERY_S / max(step_time, 1e-6)))
+        if self.timed:
+            step_time = float(total) / self.placement.world_size / self.every  # the same on every rank
+            self.every = min(self.MOST_STEPS_BETWEEN, max(1, int(self.AGREE_EVERY_S / max(step_time, 1e-6))))
+        self.timed = True
         self.countdown, self.since = self.every, time.perf_counter()
 
     def _stop(self, progress: Progress, signum: int) -> None:
