@@ -21,7 +21,8 @@ PYTHON = sys.executable
 # module-scoped runs are made once). The modules that take longest start first, so that both workers
 # finish at about the same time.
 LONGEST_FIRST = ("test_precision", "test_launch", "test_train_e2e", "test_reliability", "test_bench",
-                 "test_run_dirs", "test_resume", "test_bad_data", "test_semi_auto", "test_pretrained")
+                 "test_run_dirs", "test_resume", "test_bad_data", "test_semi_auto", "test_pretrained", "test_logs",
+                 "test_rank_table")
 
 
 def pytest_collection_modifyitems(items):
