@@ -40,16 +40,12 @@ LEADING=(rank_table)
 rank_count_hint="rank_table.sh takes the rank counts from RANK_TABLE"
 pids=()  # the workers of the attempt
 running=()  # their indices, while they run
-# What an outer job's launcher leaves in the environment: MindSpore's dynamic cluster (msrun), OpenMPI's
-# mpirun, vit-dist's launchers. A worker that inherited it would take that launcher's path
-# (bootstrap.detect_placement looks for it before the rank table) and wait for peers that never come.
-FOREIGN_VARS=(MS_ROLE MS_SCHED_HOST MS_SCHED_PORT MS_WORKER_NUM MS_NODE_ID VIT_DIST_NODE_RANK VIT_DIST_MASTER_ADDR
-    VIT_DIST_SCHEDULER_PARENT "$JOB_VAR")
-FOREIGN_PREFIX='^(OMPI|PMIX|PRTE)_'
 
 # Refuses an invalid table (the helper names every problem) and reads this server's part of it: sets
 # rank_table_file, rank_size, server_count, server_id, devices (the table's physical ids), ranks and
-# device_ids (the workers' DEVICE_ID: the container's ids with --visible-devices, else the same).
+# device_ids (the workers' DEVICE_ID: the container's ids with --visible-devices, else the same). Also
+# sets scrubbed, the names of another launcher's variables exported here (the helper lists them:
+# bootstrap.launcher_variables), scrub, env's options that remove them, never evaluated, and removed.
 read_rank_table() {
     case $chip in
         "" | 910A | 910B) ;;
@@ -65,28 +61,17 @@ read_rank_table() {
     devices=()
     ranks=()
     device_ids=()
+    scrubbed=()
+    scrub=()
     while read -r key first second third; do
         case $key in
             rank_size) rank_size=$first ;;
             server_count) server_count=$first ;;
             server_id) server_id=$first ;;
             device) devices+=("$first"); ranks+=("$second"); device_ids+=("$third") ;;
+            foreign) scrubbed+=("$first"); scrub+=(-u "$first") ;;
         esac
     done <<<"$listing"
-}
-
-# Sets scrubbed, the names of FOREIGN_VARS and FOREIGN_PREFIX's variables exported here, and scrub, env's
-# options that remove them: names from bash's own list of exported variables, never evaluated.
-find_foreign_env() {
-    local name
-    scrubbed=()
-    scrub=()
-    while read -r name; do
-        if [[ $name =~ $FOREIGN_PREFIX || " ${FOREIGN_VARS[*]} " == *" $name "* ]]; then
-            scrubbed+=("$name")
-            scrub+=(-u "$name")
-        fi
-    done < <(compgen -e)
     removed="no other launcher's variables"
     if ((${#scrubbed[@]} > 0)); then
         removed="${scrubbed[*]} (another launcher's, removed for the workers)"
@@ -192,7 +177,6 @@ job_workers() {
 parse_command_line "$@"
 put_python_first_on_path
 read_rank_table
-find_foreign_env
 split_cores
 if [[ -n $dry_run ]]; then
     # Pre-flight makes the run directory, so a dry run, which creates nothing, names it RUN_DIR.

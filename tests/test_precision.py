@@ -152,9 +152,9 @@ def test_o2_keeps_layernorm_and_softmax_in_float32_and_o3_casts_everything(level
 
 
 def test_float16_o2_training_on_the_demo_data_loses_at_most_three_points_to_float32(tmp_path):
-    """The demo recipe, shortened to 1 block and 5 epochs on one device (measured: fp32 81.7%, fp16
-    80.8%; with 2 blocks 80.3% and 82.5%: short runs differ by a few of the 355 images, in either
-    direction; what must not happen is float16 losing accuracy)."""
+    """The demo recipe, shortened to 1 block and 4 epochs on one device (measured: fp32 78.0%, fp16
+    78.0%; with 5 epochs 81.7% and 80.8%, with 3 epochs 76.1% and 75.5%: short runs differ by a few of
+    the 355 images, in either direction; what must not happen is float16 losing accuracy)."""
     ok(vit_dist("demo-data", str(tmp_path / "digits")))
     top1 = {}
     for name, precision in [("fp32", ["precision.amp_level=O0"]),
@@ -162,7 +162,7 @@ def test_float16_o2_training_on_the_demo_data_loses_at_most_three_points_to_floa
                                       "precision.loss_scale=dynamic"])]:
         run = tmp_path / name
         ok(vit_dist("train", "vit_dist/configs/demo.yaml", "--set", f"data.root={tmp_path / 'digits'}", "model.depth=1",
-                    "train.epochs=5", "train.warmup_epochs=0.5", "train.eval_every_epochs=0", "train.log_interval=50",
+                    "train.epochs=4", "train.warmup_epochs=0.5", "train.eval_every_epochs=0", "train.log_interval=50",
                     f"train.output_dir={run}", *precision, timeout=900))
         top1[name] = json.loads((run / "eval.json").read_text())["top1"]
     assert top1["fp32"] > 0.75, top1  # the comparison means something only once float32 has learned

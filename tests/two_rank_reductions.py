@@ -35,7 +35,7 @@ from vit_dist.training.optim import build_optimizer  # noqa: E402
 from vit_dist.training.loss import train_loss  # noqa: E402
 from vit_dist.training.step import make_train_step  # noqa: E402
 
-TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=2",
+TINY = ["model.variant=ti", "model.patch_size=4", "data.image_size=16", "model.embed_dim=32", "model.depth=1",
         "model.num_heads=4", "model.mlp_dim=64", "model.drop_path_rate=0", "model.num_classes=8"]
 
 

@@ -47,6 +47,13 @@ SIMULATION_LEVEL = "MS_SIMULATION_LEVEL"
 MPI_ENV_PREFIXES = ("OMPI_", "PMIX_", "PRTE_")
 # Either names the HCCL rank table of a rank-table start (MindSpore reads both; launch/rank_table.sh sets both).
 RANK_TABLE_VARS = ("RANK_TABLE_FILE", "MINDSPORE_HCCL_CONFIG_PATH")
+# What a launcher gives the processes it starts, besides OpenMPI's (MPI_ENV_PREFIXES): MindSpore's
+# dynamic cluster (msrun, DryRun) and vit-dist's launchers. A process started by another launcher inside
+# such a job must not inherit them: detect_placement would take that job's path and wait for its peers.
+LAUNCHER_VARS = ("MS_ROLE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM", "MS_NODE_ID", SIMULATION_LEVEL,
+                 NODE_RANK, MASTER_ADDR, SCHEDULER_PARENT, LAUNCH_JOB)
+# A rank-table start's placement (launch/rank_table.sh sets it for each worker).
+RANK_TABLE_PLACEMENT = (*RANK_TABLE_VARS, "RANK_ID", "RANK_SIZE")
 
 
 def announce_worker(run_dir, placement: Placement) -> None:
@@ -264,13 +271,19 @@ def resolve_device_target(requested: str, placement: Placement) -> str:
     return requested
 
 
+def launcher_variables(env: Mapping[str, str] = os.environ, also: tuple[str, ...] = ()) -> list[str]:
+    """The names in env that a launcher set (LAUNCHER_VARS, OpenMPI's), and those of `also`: what a
+    process started afresh inside another job must not inherit (launch/rank_table.sh removes this
+    process's, listed by `vit-dist rank-table local-ranks`)."""
+    return sorted(k for k in env if k in LAUNCHER_VARS or k in also or k.startswith(MPI_ENV_PREFIXES))
+
+
 def dry_run_env(env: Mapping[str, str], device_memory: bool) -> dict[str, str]:
     """The environment of MindSpore's DryRun launcher (tools.dry_run): this Python's folder first on PATH
     (msrun starts `python`), no other launcher's variables, and with device_memory MindSpore's INFO log,
     where its DryRun reports the simulated peak device memory."""
-    foreign = ("MS_ROLE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM", "MS_NODE_ID", SIMULATION_LEVEL,
-               *RANK_TABLE_VARS, "RANK_ID", "RANK_SIZE", NODE_RANK, MASTER_ADDR, SCHEDULER_PARENT, LAUNCH_JOB)
-    clean = {k: v for k, v in env.items() if k not in foreign and not k.startswith(MPI_ENV_PREFIXES)}
+    foreign = launcher_variables(env, also=RANK_TABLE_PLACEMENT)
+    clean = {k: v for k, v in env.items() if k not in foreign}
     clean["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), clean.get("PATH", "")])
     if device_memory:
         clean["GLOG_v"] = "1"

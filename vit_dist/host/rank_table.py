@@ -487,6 +487,10 @@ def _cmd_local_ranks(args: argparse.Namespace) -> int:
     print(f"server_id {server.server_id}")
     for device in server.devices:
         print(f"device {device.device_id} {device.rank_id} {logical[device.device_id]}")
+    from vit_dist.bootstrap import launcher_variables  # the bootstrap reads rank tables with this module
+
+    for name in launcher_variables():
+        print(f"foreign {name}")
     return 0
 
 
@@ -532,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chip_option(validate)
     validate.set_defaults(func=_cmd_validate)
 
-    local = sub.add_parser("local-ranks", help="devices and ranks of one server (for launchers)")
+    local = sub.add_parser("local-ranks", help="devices and ranks of one server, and the variables of another "
+                                               "launcher in this environment (for launchers)")
     local.add_argument("table", type=Path, metavar="TABLE")
     local.add_argument("--server-index", type=int, default=0, help="position in server_list (default 0)")
     local.add_argument("--visible-devices", metavar="IDS",

@@ -148,9 +148,8 @@ def write_weights(path: Path, tensors: dict[str, np.ndarray], card: WeightsCard)
     return path
 
 
-def keep_weights(run_dir: Path, kind: str, checkpoint: Path, card: WeightsCard) -> Path:
-    """RUN_DIR/weights/<kind>.safetensors: the card's weights (the model's, or with card.weights "ema"
-    its EMA) taken from the full checkpoint just written."""
-    tensors = model_tensors(checkpoint, card.spec, ema=card.weights == "ema")
-    return write_weights(weights_path(run_dir, kind), tensors, card)
-
+def keep_weights(run_dir: Path, kind: str, tensors: dict[str, np.ndarray], card: WeightsCard) -> Path:
+    """RUN_DIR/weights/<kind>.safetensors: the card's spec's parameters, taken from tensors (the
+    model's weights or, with card.weights "ema", their EMA, under the model's names)."""
+    return write_weights(weights_path(run_dir, kind), {name: tensors[name] for name in parameter_shapes(card.spec)},
+                         card)

@@ -59,21 +59,20 @@ def finite_on_every_rank(world: int) -> Callable:
 def all_reduce_sum(values, placement: Placement) -> np.ndarray:
     """Element-wise sum of a small vector over all ranks; every rank gets the result. float32 (the
     widest float the CPU collectives take) keeps integer counts exact below 2**24."""
-    values = np.asarray(values, dtype=np.float32)
-    if not placement.distributed:
-        return values
-    import mindspore as ms
-    from mindspore import ops
-
-    return ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor(values)).asnumpy()
+    return _across_ranks(values, placement, lambda ops: ops.AllReduce(ops.ReduceOp.SUM))[0]
 
 
 def all_gather(values, placement: Placement) -> np.ndarray:
     """A small vector from every rank, as rows in rank order (float32); every rank gets them all."""
-    values = np.asarray(values, dtype=np.float32)
+    return _across_ranks(values, placement, lambda ops: ops.AllGather())
+
+
+def _across_ranks(values, placement: Placement, collective) -> np.ndarray:
+    """The row of values (float32) through the collective that collective(mindspore.ops) makes; alone, the row."""
+    row = np.asarray(values, dtype=np.float32)[None]
     if not placement.distributed:
-        return values[None]
+        return row
     import mindspore as ms
     from mindspore import ops
 
-    return ops.AllGather()(ms.Tensor(values[None])).asnumpy()
+    return collective(ops)(ms.Tensor(row)).asnumpy()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mindspore as ms
+import numpy as np
 from mindspore.communication import get_group_size
 
 from vit_dist.host.atomic import atomic_path
@@ -20,6 +21,14 @@ def training_state(net, optimizer, scaler, ema=None) -> dict:
     EMA (training.ema.WeightEMA, if any), by name."""
     return {**{p.name: p for p in net.get_parameters()}, **optimizer.checkpoint_state(), **scaler_state(scaler),
             **(ema.checkpoint_state() if ema is not None else {})}
+
+
+def live_weights(net, ema=None) -> dict[str, np.ndarray]:
+    """The model's weights (its trainable parameters), or with an ema their EMA under the same names,
+    as float32 arrays read from memory: what host.weights_only keeps, without reading a file back."""
+    params = ({p.name[len(EMA_PREFIX):]: p for p in ema.average} if ema is not None
+              else {p.name: p for p in net.trainable_params()})
+    return {name: p.asnumpy().astype(np.float32) for name, p in params.items()}
 
 
 def save(run_dir: Path, net, optimizer, scaler, ema, progress: Progress, keep_last: int, config_digest: str,

@@ -149,8 +149,8 @@ class Checkpointer:
         if self.best is None or score > self.best[1]:
             self.best = files.keep_best(self.run_dir, self.last, evaluation), score
             if self.card is not None:
-                keep_weights(self.run_dir, "best", self.best[0], replace(
-                    self.card, step=progress.step, weights=files.best_score(evaluation)[1]))
+                self._keep_weights("best", replace(self.card, step=progress.step,
+                                                   weights=files.best_score(evaluation)[1]))
 
     def save_on_stop(self, progress: Progress) -> Optional[Path]:
         """The stop's checkpoint: this step's, unless nothing was trained since the newest one; returns it."""
@@ -165,8 +165,13 @@ class Checkpointer:
                                         progress, self.cfg.keep_last, self.digest, self.slice_rank)
             self.newest = progress.step, self.last
             if self.card is not None:
-                keep_weights(self.run_dir, "last", self.last, replace(self.card, step=progress.step))
+                self._keep_weights("last", replace(self.card, step=progress.step))
             self.heartbeat.busy(progress.step, f"saved the checkpoint of step {progress.step}")
+
+    def _keep_weights(self, kind: str, card: WeightsCard) -> None:
+        """The weights the card names, from memory: they are those of the checkpoint just written."""
+        ema = self.run.ema if card.weights == "ema" else None
+        keep_weights(self.run_dir, kind, checkpoint.live_weights(self.run.net, ema), card)
 
     def summary(self, placement: Placement) -> dict:
         """The last and best checkpoints (with an EMA, also whose weights made the best: "ema" or
