@@ -238,7 +238,10 @@ report_failure() {
 # processes in the background, their environment carrying JOB_VAR=job_id, and sets pids to the
 # launcher's children among them) and attempt_over (true once
 # they ended; sets job_status, and after a failure worker_status, the failed worker's, failed_rank and
-# failure: what happened to it); job_workers may list the pids to pass a signal on to.
+# failure: what happened to it); job_workers may set workers to the pids to pass a signal on to.
+# While an attempt runs, its poll (run_attempt's loop) waits on no foreground command and runs
+# no $(...): bash 5.2 may forget a SIGINT that arrives as it reaps a foreground command, and runs no trap
+# for one that arrives during a $(...), so the stop would never come.
 run_job() {
     attempt=0
     stop_signal=""
@@ -279,7 +282,10 @@ run_attempt() {
             killing=1
             kill_job
         fi
-        sleep 1
+        # A trapped signal ends the wait and its trap runs at once. The sleep, which may outlive the
+        # launcher by a second, keeps no pipe of the caller open.
+        sleep 1 >/dev/null 2>&1 &
+        wait "$!" || true
     done
     if [[ -n $hung_rank ]]; then
         job_status=$HANG_STATUS worker_status=$HANG_STATUS
@@ -312,7 +318,8 @@ pass_on_stop() {
         kill_job
         return
     fi
-    for pid in $(job_workers); do
+    job_workers
+    for pid in ${workers[@]+"${workers[@]}"}; do
         if [[ -z ${signaled[$pid]:-} ]]; then
             signaled[$pid]=1
             kill -s "$stop_signal" "$pid" 2>/dev/null || true
@@ -320,12 +327,14 @@ pass_on_stop() {
     done
 }
 
-# This attempt's workers on this host: the pids whose RUN_DIR/logs/pids/<pid> holds this job's id.
+# Sets workers to this attempt's workers on this host: the pids whose RUN_DIR/logs/pids/<pid> holds this
+# job's id.
 job_workers() {
     local file rank job
+    workers=()
     for file in "$log_dir"/pids/*; do
         if [[ ${file##*/} =~ ^[0-9]+$ ]] && read -r rank job 2>/dev/null <"$file" && [[ $job == "$job_id" ]]; then
-            echo "${file##*/}"
+            workers+=("${file##*/}")
         fi
     done
 }
@@ -333,13 +342,27 @@ job_workers() {
 # Kills every process of the attempt on this host: whatever carries its id in its environment (msrun's
 # workers leave its session, MindSpore's schedulers are started by msrun or a worker).
 kill_job() {
-    local pids
+    local dir pids=()
     [[ -n $job_id ]] || return 0
-    pids=$(grep -lsxzF "$JOB_VAR=$job_id" /proc/[0-9]*/environ | cut -d/ -f3) || true
-    if [[ -n $pids ]]; then
-        # shellcheck disable=SC2086  # pids: digits from /proc paths, one per word
-        kill -KILL $pids 2>/dev/null || true
+    for dir in /proc/[0-9]*; do
+        if in_job "${dir#/proc/}"; then
+            pids+=("${dir#/proc/}")
+        fi
+    done
+    if ((${#pids[@]} > 0)); then
+        kill -KILL "${pids[@]}" 2>/dev/null || true
     fi
+}
+
+# True if process $1 is on this host and one of the attempt's: its environment carries the attempt's id.
+in_job() {
+    local var
+    while IFS= read -r -d '' var; do
+        if [[ $var == "$JOB_VAR=$job_id" ]]; then
+            return 0
+        fi
+    done 2>/dev/null <"/proc/$1/environ"
+    return 1
 }
 
 # True if a rank of the attempt has made no progress for hang_timeout seconds (its heartbeat, see
@@ -374,7 +397,7 @@ find_hung_rank() {
 # True if process $1 is one of the attempt's, on this host, and stopped.
 is_stopped() {
     local stat
-    grep -qsxzF "$JOB_VAR=$job_id" "/proc/$1/environ" && stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+    in_job "$1" && read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
     stat=${stat##*) }
     [[ ${stat%% *} == [Tt] ]]
 }

@@ -169,8 +169,9 @@ attempt_over() {
 # The launcher started the workers itself.
 job_workers() {
     local i
+    workers=()
     for i in ${running[@]+"${running[@]}"}; do
-        echo "${pids[i]}"
+        workers+=("${pids[i]}")
     done
 }
 
