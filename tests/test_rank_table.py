@@ -708,18 +708,13 @@ def test_launcher_preflight_refuses_a_bad_config_in_one_line(standin: Standin) -
     assert not (standin.folder / "runs").exists()
 
 
-def _default_sigint() -> None:
-    """Run in the launcher's process before its exec: SIGINT at its default, as a shell at a terminal
-    starts a command. A suite started in the background by a script (`cmd &`) ignores SIGINT, and a shell
-    that starts with a signal ignored can never trap it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_launcher_stops_every_worker_on_a_signal(standin: Standin, sig: signal.Signals, status: int) -> None:
-    launcher = subprocess.Popen(standin.command(), cwd=standin.folder, env=launcher_env(STANDIN="sleep"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                preexec_fn=_default_sigint)
+    # SIGINT at its default, as a shell at a terminal starts a command: a suite started in the background
+    # by a script (`cmd &`) ignores SIGINT, and a shell started with a signal ignored can never trap it.
+    launcher = subprocess.Popen(["env", "--default-signal=INT", *standin.command()], cwd=standin.folder,
+                                env=launcher_env(STANDIN="sleep"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while len(standin.workers()) < 4:
