@@ -133,12 +133,17 @@ def model_tensors(path: Path, spec: ViTSpec, ema: bool = False) -> dict[str, np.
         return {n: f.get_tensor(prefix + n).astype(np.float32) for n in shapes}
 
 
-def write_weights(path: Path, tensors: dict[str, np.ndarray], card: WeightsCard) -> Path:
-    """Writes the tensors with the card's metadata through host.atomic. Serialised in memory first:
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The tensors as a safetensors file's bytes, for Python to write: serialised in memory, since
     safetensors' own file writer drops the error of a write that fills the disk."""
     from safetensors.numpy import save
 
-    data = save({n: np.ascontiguousarray(v) for n, v in tensors.items()}, metadata=card.metadata())
+    return save({name: np.ascontiguousarray(value) for name, value in tensors.items()}, metadata=metadata)
+
+
+def write_weights(path: Path, tensors: dict[str, np.ndarray], card: WeightsCard) -> Path:
+    """Writes the tensors with the card's metadata through host.atomic (safetensors_bytes)."""
+    data = safetensors_bytes(tensors, card.metadata())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, durable=True)

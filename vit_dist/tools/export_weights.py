@@ -23,7 +23,7 @@ from vit_dist.host.checkpoint_files import evaluation_checkpoint, head_classes, 
 from vit_dist.host.config import load_config
 from vit_dist.host.errors import CheckpointError, ConfigError
 from vit_dist.host.run_record import CONFIG_FILE
-from vit_dist.host.weights_only import WeightsCard, model_tensors, read_card, weights_path
+from vit_dist.host.weights_only import WeightsCard, model_tensors, read_card, safetensors_bytes, weights_path
 from vit_dist.tools.infer import known_class_names
 from vit_dist.tools.weights import HF_NAMES, TIMM_NAMES, fuse_qkv, to_source
 
@@ -149,14 +149,11 @@ def timm_files(card: WeightsCard, tensors: dict[str, np.ndarray]) -> dict:
 
 
 def _write(folder: Path, files: dict) -> None:
-    """The files into the fresh folder (atomic_folder's), each created exclusively. The weights are
-    serialised in memory: safetensors' own file writer drops the error of a write that fills the disk."""
-    from safetensors.numpy import save
-
+    """The files into the fresh folder (atomic_folder's), each created exclusively (the weights through
+    safetensors_bytes, so that a full disk raises)."""
     for name, content in files.items():
         if name == WEIGHTS_FILE:  # "format": "pt" is what transformers requires of a safetensors file
-            data = save({n: np.ascontiguousarray(v) for n, v in content.items()},
-                        metadata={"format": "pt", "converted_by": f"vit-dist {__version__}"})
+            data = safetensors_bytes(content, {"format": "pt", "converted_by": f"vit-dist {__version__}"})
         else:
             data = (json.dumps(content, indent=2) + "\n").encode()
         with open(folder / name, "xb") as f:

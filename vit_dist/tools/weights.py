@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_dist.host.atomic import write_atomic
 from vit_dist.host.errors import CheckpointError
+from vit_dist.host.weights_only import safetensors_bytes
 from vit_dist.models.spec import VIT_VARIANTS, standard_heads
 from vit_dist.tools import source_preprocessing
 from vit_dist.tools.source_preprocessing import Preprocessing
@@ -454,13 +455,9 @@ def _new_head(imported: Imported, num_classes: int, seed: int) -> None:
 
 def save_imported(imported: Imported, out: str | Path, source: str) -> Path:
     """Writes the parameters as safetensors (what checkpoint.load_weights and model.pretrained read),
-    via a temporary file and a rename. Serialised in memory and written by Python, so that a full disk
-    raises (host.weights_only does the same)."""
-    from safetensors.numpy import save
-
+    via a temporary file and a rename (host.weights_only.safetensors_bytes: a full disk raises)."""
     out = Path(out)
-    data = save({k: np.ascontiguousarray(v) for k, v in imported.params.items()},
-                metadata={"format": "pt", "converted_from": source})
+    data = safetensors_bytes(imported.params, {"format": "pt", "converted_from": source})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, data, durable=True)
